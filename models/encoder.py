@@ -1,0 +1,208 @@
+"""The frozen DINOv2-with-registers feature path and the RAE pixel decoder, wrapping diffusers' `AutoencoderRAE`.
+
+Lineage: RAE (`bytetriper/RAE`, `Dinov2withNorm(normalize=True)` and the ViT-MAE decoder), as packaged by diffusers
+(`AutoencoderRAE`, built on transformers' `Dinov2WithRegistersModel`). We never re-implement those networks; this
+module owns only the thin layer around them.
+
+Departures from `AutoencoderRAE.encode`/`decode`, all deliberate (SPEC.md sections 2, 3, 8 and 13):
+- Resize 256 -> 224 with `antialias=True` (bicubic). diffusers resizes without antialias; the official FlatDINO and
+  RAE JAX/torch paths antialias.
+- CLS and register tokens are dropped by count from the model config (1 + `num_register_tokens`), not a magic 5,
+  and are returned by name in `PatchTokens`.
+- The pixel decoder consumes the raw affine-free LayerNorm features: no latent statistics are applied
+  (`AutoencoderRAE.decode` would de-normalise with its `latents_mean/std`).
+- uint8 conversion is `floor(x * 255 + 0.5)` after clipping, the ADM/official convention (torch.round rounds half to
+  even).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SIZE = 256  # ADM centre crop and pixel-decoder output
+HUB_ID = "nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08"
+
+# AutoencoderRAE constructor arguments per preset. "dinov2-b-xl" is the architecture of the paper's components
+# (DINOv2-B/14 with registers + RAE ViT-XL decoder); "tiny" keeps the same classes and token grid for tests and the
+# demo: (256, 192) features (3 heads of 64; the encoder fixes head_dim at 64), a 2-layer 128-wide decoder.
+PRESETS: dict[str, dict] = {
+    "dinov2-b-xl": dict(encoder_hidden_size=768, encoder_num_hidden_layers=12, decoder_hidden_size=1152,
+                        decoder_num_hidden_layers=28, decoder_num_attention_heads=16, decoder_intermediate_size=4096),
+    "tiny": dict(encoder_hidden_size=192, encoder_num_hidden_layers=2, decoder_hidden_size=128,
+                 decoder_num_hidden_layers=2, decoder_num_attention_heads=4, decoder_intermediate_size=512),
+}
+COMMON = dict(encoder_type="dinov2", encoder_patch_size=14, patch_size=16, encoder_input_size=224,
+              reshape_to_2d=True, noise_tau=0.0)
+
+
+class PatchTokens(NamedTuple):
+    """The encoder's output tokens by role."""
+
+    cls: torch.Tensor  # (B, D)
+    registers: torch.Tensor  # (B, R, D)
+    patches: torch.Tensor  # (B, N, D) affine-free LayerNorm outputs
+
+
+def adm_center_crop(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
+    """ADM centre crop: BOX-halve while the short side >= 2*size, BICUBIC to short side `size`, centre crop."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def rae_checkpoint_filter(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop keys that are not parameters of the RAE as we use it.
+
+    - `decoder.decoder_pos_embed`: a fixed sin-cos buffer, recomputed at construction (diffusers ignores it too).
+    - `encoder.layernorm.weight/bias`: the final LayerNorm is affine-free by design (RAE `normalize=True`); a checkpoint
+      that still carries the affine (e.g. converted from the raw DINOv2 release) must not reintroduce it.
+    """
+    dropped = {"decoder.decoder_pos_embed", "encoder.layernorm.weight", "encoder.layernorm.bias"}
+    return {k: v for k, v in state_dict.items() if k not in dropped}
+
+
+def build_rae(preset: str = "tiny", **overrides):
+    """An `AutoencoderRAE` of a preset architecture with random weights (no download)."""
+    from diffusers import AutoencoderRAE
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown encoder preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return AutoencoderRAE(**{**COMMON, **PRESETS[preset], **overrides})
+
+
+def init_rae_dir(out: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight RAE directory in the same format as a pretrained one (config + safetensors)."""
+    torch.manual_seed(seed)
+    rae = build_rae(preset)
+    rae.save_pretrained(out, safe_serialization=True)
+    return Path(out)
+
+
+def _resolve_dir(path_or_id: str | Path) -> Path:
+    from pipeline.manifest import ArtifactError  # lazy: models do not depend on pipeline at import
+
+    p = Path(path_or_id)
+    if p.exists():
+        if not (p / "config.json").exists() or not (p / WEIGHTS_NAME).exists():
+            raise ArtifactError(f"{p}: not an RAE directory (need config.json and {WEIGHTS_NAME})")
+        return p
+    if str(path_or_id).count("/") != 1:
+        raise ArtifactError(f"encoder {path_or_id!r}: no such directory, and not a hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path_or_id), allow_patterns=["config.json", WEIGHTS_NAME]))
+    except Exception as e:  # offline, unknown id, auth: all end here
+        raise ArtifactError(
+            f"could not fetch {path_or_id!r} from the hub ({type(e).__name__}: {e}). Offline? Download it elsewhere "
+            f"and pass the local directory, or create a random one with `flatdino init-encoder --out DIR`"
+        ) from e
+
+
+def load_rae(path_or_id: str | Path):
+    """Load an AutoencoderRAE strictly from a local directory (or a hub id when online); frozen, eval mode."""
+    from diffusers import AutoencoderRAE
+    from safetensors.torch import load_file
+
+    from pipeline.manifest import ArtifactError
+
+    root = _resolve_dir(path_or_id)
+    config = json.loads((root / "config.json").read_text())
+    rae = AutoencoderRAE.from_config(config)
+    state = rae_checkpoint_filter(load_file(root / WEIGHTS_NAME))
+    try:
+        rae.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{root}: weights do not match its config.json ({e})") from e
+    return rae.eval().requires_grad_(False)
+
+
+def state_fingerprint(module: nn.Module, prefix: str = "") -> str:
+    """sha256 over the names, shapes and bytes of a module's state tensors (order-independent of storage)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        if name.startswith(prefix):
+            t = t.detach().cpu().contiguous()
+            h.update(name.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class FeatureEncoder(nn.Module):
+    """Frozen DINOv2-with-registers: uint8 images (B, 3, 256, 256) -> patch tokens (B, 256, 768)."""
+
+    def __init__(self, rae):
+        super().__init__()
+        self.model = rae.encoder  # transformers Dinov2WithRegistersModel
+        if self.model.layernorm.weight is not None or self.model.layernorm.bias is not None:
+            raise ValueError("the encoder's final LayerNorm must be affine-free (RAE normalize=True)")
+        self.input_size = int(rae.config.encoder_input_size)
+        self.num_registers = int(self.model.config.num_register_tokens)
+        self.dim = int(self.model.config.hidden_size)
+        self.num_patches = (self.input_size // int(self.model.config.patch_size)) ** 2
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.fingerprint = state_fingerprint(rae, "encoder.")
+
+    def preprocess(self, x: torch.Tensor, mode: str = "bicubic") -> torch.Tensor:
+        """uint8 or [0, 1] float (B, 3, H, W) -> (B, 3, 224, 224) ImageNet-normalised, antialiased resize."""
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size,) * 2, mode=mode, antialias=True, align_corners=False)
+        return (x - self.mean) / self.std
+
+    def forward(self, pixels: torch.Tensor) -> PatchTokens:
+        """(B, 3, 224, 224) normalised pixels -> PatchTokens: cls (B, D), registers (B, R, D), patches (B, N, D)."""
+        hidden = self.model(pixel_values=pixels).last_hidden_state  # (B, 1 + R + N, D)
+        r = self.num_registers
+        return PatchTokens(hidden[:, 0], hidden[:, 1 : 1 + r], hidden[:, 1 + r :])
+
+    @torch.no_grad()
+    def encode_images(self, x: torch.Tensor, mode: str = "bicubic") -> PatchTokens:
+        """uint8 (B, 3, 256, 256) -> PatchTokens."""
+        return self(self.preprocess(x, mode))
+
+
+class PixelDecoder(nn.Module):
+    """RAE ViT-MAE decoder: patch tokens (B, N, D) -> ImageNet-normalised pixels (B, 3, 256, 256)."""
+
+    def __init__(self, rae):
+        super().__init__()
+        self.decoder = rae.decoder
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def fingerprint(self) -> str:
+        return state_fingerprint(self.decoder)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) raw affine-free LN features -> (B, 3, H, W) normalised pixels."""
+        logits = self.decoder(tokens).logits  # (B, N, p*p*3)
+        return self.decoder.unpatchify(logits)
+
+    def to_uint8(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels (B, 3, H, W) -> uint8 (B, H, W, 3): x*std + mean, clip [0, 1], floor(x*255 + 0.5)."""
+        x = (pixels.float() * self.std + self.mean).clamp(0, 1)
+        return torch.floor(x * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)

@@ -1,0 +1,266 @@
+"""Self-describing artifacts: the manifest, atomic writes, fingerprints and the output-directory protocol.
+
+Every stage writes one artifact directory with a `manifest.json`. Shards are committed one by one: the shard file is
+written under a temporary name, fsynced and renamed, and only then is its record (`<shard>.json`) written, itself
+atomically. A run killed at any moment therefore leaves nothing that a later run mistakes for complete, and a re-run
+plans the same shards, skips the committed ones and ends with the same bytes (STYLE.md P6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+RECORD_SUFFIX = ".record.json"
+
+
+class UserError(Exception):
+    """A problem the user can fix; the CLI prints the message without a traceback."""
+
+
+class ConfigMismatch(UserError):
+    """An output directory holds an artifact made with another configuration."""
+
+
+class ArtifactError(UserError):
+    """An input artifact is missing, incomplete, corrupt or does not belong with the others."""
+
+
+class TooManyFailures(UserError):
+    """More inputs failed than the configured tolerance allows."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same directory, fsync, then rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write `obj` as indented, key-sorted JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_sha256(root: str | Path, exclude: tuple[str, ...] = (MANIFEST, LOCK)) -> str:
+    """sha256 over the relative paths and contents of every file under `root`, in sorted order."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and q.name not in exclude and not q.name.endswith(".tmp")):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + file_sha256(p).encode())
+    return h.hexdigest()
+
+
+def json_sha256(obj: Any) -> str:
+    """sha256 of the canonical JSON form of `obj`."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class Manifest:
+    """The record of one artifact: what made it, from what, and what it holds."""
+
+    stage: str
+    config: dict = field(default_factory=dict)
+    config_hash: str = ""
+    inputs: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)
+    fields: dict = field(default_factory=dict)
+    shards: list = field(default_factory=list)
+    counts: dict = field(default_factory=lambda: {"written": 0, "skipped": 0, "failed": 0})
+    failures: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    complete: bool = False
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the artifact's content: stage, config and every shard's sha256 (timings excluded)."""
+        return json_sha256(
+            {
+                "stage": self.stage,
+                "config_hash": self.config_hash,
+                "shards": [s.get("sha256") for s in self.shards],
+                "extra": self.extra,
+            }
+        )
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["fingerprint"] = self.fingerprint
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Manifest":
+        names = {f.name for f in dataclasses.fields(cls)}
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise ArtifactError(f"manifest schema {d.get('schema_version')} is not {SCHEMA_VERSION}; re-run the stage")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def read_manifest(out: str | Path) -> Manifest:
+    """Read `out/manifest.json`; ArtifactError if missing or unreadable."""
+    path = Path(out) / MANIFEST
+    if not path.exists():
+        raise ArtifactError(f"{out}: no {MANIFEST} here; produce this artifact first")
+    try:
+        return Manifest.from_json(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: corrupt manifest ({e}); delete the directory and re-run its stage") from e
+
+
+def require_complete(out: str | Path, stage: str) -> Manifest:
+    """The manifest of a finished artifact of `stage`, or an ArtifactError that says how to make it."""
+    path = Path(out)
+    hint = f"run `flatdino {stage.replace('_', '-')}` (or its make target) to produce it"
+    if not (path / MANIFEST).exists():
+        raise ArtifactError(f"{path}: no {stage} artifact here ({MANIFEST} missing); {hint}")
+    m = read_manifest(path)
+    if m.stage != stage:
+        raise ArtifactError(f"{path}: expected a {stage!r} artifact but found a {m.stage!r} one; check the path")
+    if not m.complete:
+        raise ArtifactError(f"{path}: the {stage} artifact is incomplete (interrupted run?); re-run to resume it")
+    return m
+
+
+def write_manifest(out: str | Path, manifest: Manifest) -> None:
+    atomic_write_json(Path(out) / MANIFEST, manifest.to_json())
+
+
+class OutputDir:
+    """Owns an artifact directory for one run: lock, config check, shard commit records, final manifest.
+
+    Usage::
+
+        with OutputDir(cfg.out, "features", config_dict, overwrite=cfg.overwrite) as od:
+            if od.done:
+                return od.manifest
+            ... for each planned shard not in od.committed(): write it, od.commit(record) ...
+            od.finish(manifest)
+    """
+
+    def __init__(self, out: str | Path, stage: str, config: dict, overwrite: bool = False, lock: bool = True):
+        self.path = Path(out)
+        self.stage = stage
+        self.config = config
+        self.config_hash = json_sha256(config)
+        self.overwrite = overwrite
+        self.use_lock = lock
+        self._lock_fd: int | None = None
+        self.manifest: Manifest | None = None
+        self.done = False
+
+    def __enter__(self) -> "OutputDir":
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.use_lock:
+            self._acquire_lock()
+        try:
+            self._check_existing()
+        except BaseException:
+            self._release_lock()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._release_lock()
+
+    def _acquire_lock(self) -> None:
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(
+                f"{self.path} is being written by another process (lock {LOCK} held); wait for it or use another --out"
+            ) from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _check_existing(self) -> None:
+        stamp = self.path / ".config.json"
+        if self.overwrite:
+            self._wipe()
+        elif stamp.exists():
+            old = json.loads(stamp.read_text())
+            if old["config_hash"] != self.config_hash:
+                raise ConfigMismatch(self._mismatch_message(old["config"]))
+            if (self.path / MANIFEST).exists():
+                m = read_manifest(self.path)
+                if m.complete and m.config_hash == self.config_hash:
+                    self.manifest, self.done = m, True
+                    return
+        atomic_write_json(stamp, {"stage": self.stage, "config_hash": self.config_hash, "config": self.config})
+
+    def _mismatch_message(self, old: dict) -> str:
+        diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {self.config.get(k)!r}" for k in diff[:6])
+        return (
+            f"{self.path} already holds a {self.stage} artifact made with a different config ({shown}). "
+            f"Use another --out, or pass --overwrite to delete it and start again."
+        )
+
+    def _wipe(self) -> None:
+        for p in self.path.iterdir():
+            if p.name == LOCK:
+                continue
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def committed(self) -> dict[str, dict]:
+        """Records of the shards already committed, keyed by shard name (only those whose file still exists)."""
+        out = {}
+        for rec_path in sorted(self.path.glob("*" + RECORD_SUFFIX)):
+            rec = json.loads(rec_path.read_text())
+            target = self.path / rec["name"]
+            if target.exists() and (not target.is_file() or target.stat().st_size == rec["bytes"]):
+                out[rec["name"]] = rec
+        return out
+
+    def commit(self, record: dict) -> None:
+        """Mark one shard as finished by writing its record atomically (after the shard itself is in place)."""
+        atomic_write_json(self.path / (record["name"] + RECORD_SUFFIX), record)
+
+    def finish(self, manifest: Manifest) -> Manifest:
+        """Write the final manifest (main process only)."""
+        manifest.config, manifest.config_hash = self.config, self.config_hash
+        write_manifest(self.path, manifest)
+        self.manifest = manifest
+        return manifest

@@ -1,0 +1,273 @@
+"""Shard planning, deterministic webdataset tars, and readers for the images and features artifacts.
+
+The plan is a pure function of (number of samples, shard size): shard k covers global indices [k*S, (k+1)*S), and
+rank r of W takes shards r::W, so outputs never depend on the world size (STYLE.md P7). Tars are written with fixed
+metadata (mtime 0, uid/gid 0, sorted members), so the same samples always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from pipeline.manifest import ArtifactError, _fsync_dir, require_complete
+from pipeline.runtime import Dist
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One planned shard: global sample indices [start, stop) written to `name`."""
+
+    index: int
+    start: int
+    stop: int
+    prefix: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.prefix}-{self.index:06d}.tar"
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def plan_shards(num_samples: int, shard_size: int, prefix: str) -> list[ShardSpec]:
+    """Shard k covers [k*shard_size, min((k+1)*shard_size, num_samples)); no padding, nothing dropped."""
+    if shard_size <= 0:
+        raise ValueError("shard_size must be positive")
+    return [
+        ShardSpec(k, start, min(start + shard_size, num_samples), prefix)
+        for k, start in enumerate(range(0, num_samples, shard_size))
+    ]
+
+
+def for_rank(plan: list, dist: Dist) -> list:
+    """The shards this rank writes: plan[rank::world]."""
+    return plan[dist.rank :: dist.world]
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_int(i: int) -> bytes:
+    return str(int(i)).encode()
+
+
+def decode_int(data: bytes) -> int:
+    return int(data.decode().strip())
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = size, 0, 0o444
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+def write_tar_shard(path: str | Path, samples: Iterable[dict]) -> dict:
+    """Write samples `{"__key__": k, ext: bytes, ...}` as a deterministic webdataset tar, atomically.
+
+    Returns the shard's record: name, count, bytes, sha256, first_key, last_key.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    keys: list[str] = []
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                key = sample["__key__"]
+                if "." in key or "/" in key:
+                    raise ValueError(f"webdataset keys may not contain '.' or '/': {key!r}")
+                keys.append(key)
+                for ext in sorted(k for k in sample if not k.startswith("__")):
+                    data = sample[ext]
+                    tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        f.flush()
+        os.fsync(f.fileno())
+    sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    size = tmp.stat().st_size
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return {"name": path.name, "count": len(keys), "bytes": size, "sha256": sha,
+            "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None}
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    base = name.rsplit("/", 1)[-1]
+    key, _, ext = base.partition(".")
+    prefix = name[: len(name) - len(base)]
+    return prefix + key, ext
+
+
+def read_tar_shard(path: str | Path) -> Iterator[dict]:
+    """Samples of a webdataset tar, members grouped by key (the part of the file name before the first dot)."""
+    try:
+        with tarfile.open(path, mode="r:*") as tar:
+            current: dict | None = None
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_member(member.name)
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key}
+                current[ext] = tar.extractfile(member).read()
+            if current is not None:
+                yield current
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ArtifactError(f"{path}: unreadable tar shard ({e}); the file is truncated or corrupt — "
+                            f"delete it (and its .record.json) and re-run the stage that wrote it") from e
+
+
+def index_tar_shard(path: str | Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """Map key -> {ext: (data offset, size)} for random access with `read_member`."""
+    index: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    key, ext = _split_member(member.name)
+                    index.setdefault(key, {})[ext] = (member.offset_data, member.size)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ArtifactError(f"{path}: unreadable tar shard ({e}); delete it and re-run the stage that wrote it") from e
+    return index
+
+
+def read_member(path: str | Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise ArtifactError(f"{path}: truncated (wanted {size} bytes at {offset}); re-run the stage that wrote it")
+    return data
+
+
+def load_rgb(data: bytes) -> Image.Image:
+    """Decode image bytes to an RGB PIL image; raises ValueError on anything that is not a readable image."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from e
+
+
+class _ShardedArtifact:
+    """Common part of the readers: the manifest's shard records per split, in plan order."""
+
+    stage = ""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest = require_complete(self.root, self.stage)
+        self._index: dict[str, list] = {}
+
+    def shards(self, split: str) -> list[dict]:
+        recs = [s for s in self.manifest.shards if s["split"] == split]
+        if not recs and split not in self.splits:
+            raise ArtifactError(f"{self.root}: no {split!r} split (have {self.splits})")
+        return recs
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted({s["split"] for s in self.manifest.shards})
+
+    def num_samples(self, split: str = "train") -> int:
+        return sum(s["count"] for s in self.shards(split))
+
+    def _iter_raw(self, split: str, start: int, stop: int | None) -> Iterator[tuple[int, dict]]:
+        """(position, sample) for stored positions [start, stop) of a split, reading only the shards needed."""
+        stop = self.num_samples(split) if stop is None else stop
+        pos = 0
+        for rec in self.shards(split):
+            if pos + rec["count"] <= start:
+                pos += rec["count"]
+                continue
+            if pos >= stop:
+                break
+            for sample in read_tar_shard(self.root / rec["name"]):
+                if start <= pos < stop:
+                    yield pos, sample
+                pos += 1
+
+    def _locate(self, split: str, i: int) -> tuple[Path, dict]:
+        if split not in self._index:
+            table = []
+            for rec in self.shards(split):
+                idx = index_tar_shard(self.root / rec["name"])
+                table.extend((self.root / rec["name"], key, members) for key, members in idx.items())
+            self._index[split] = table
+        path, key, members = self._index[split][i]
+        return path, {"__key__": key, **{ext: m for ext, m in members.items()}}
+
+
+class ImageShards(_ShardedArtifact):
+    """Reader of an `images` artifact (`flatdino images`): splits 'train' and 'val'."""
+
+    stage = "images"
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest.extra["classes"]
+
+    def iter(self, split: str = "train", start: int = 0, stop: int | None = None) -> Iterator[tuple]:
+        """(position, key, cls, image bytes, ext) in stored order."""
+        for pos, s in self._iter_raw(split, start, stop):
+            ext = next(e for e in s if e in IMAGE_EXTS)
+            yield pos, s["__key__"], decode_int(s["cls"]), s[ext], ext
+
+    @staticmethod
+    def load_rgb(data: bytes) -> Image.Image:
+        return load_rgb(data)
+
+
+class FeatureShards(_ShardedArtifact):
+    """Reader of a `features` artifact (`flatdino features`): per sample (V, N, D) float16 + class."""
+
+    stage = "features"
+
+    @property
+    def views(self) -> int:
+        return self.manifest.extra["views"]
+
+    @property
+    def num_patches(self) -> int:
+        return self.manifest.extra["num_patches"]
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.extra["dim"]
+
+    @property
+    def encoder_fingerprint(self) -> str:
+        return self.manifest.extra["encoder"]["fingerprint"]
+
+    def iter(self, split: str = "train", start: int = 0, stop: int | None = None) -> Iterator[tuple]:
+        """(position, key, cls, feats (V, N, D) float16) in stored order."""
+        for pos, s in self._iter_raw(split, start, stop):
+            yield pos, s["__key__"], decode_int(s["cls"]), decode_npy(s["feat.npy"])
+
+    def get(self, i: int, split: str = "train") -> tuple[str, int, np.ndarray]:
+        """Random access to stored position `i`: (key, cls, feats (V, N, D) float16)."""
+        path, members = self._locate(split, i)
+        feats = decode_npy(read_member(path, *members["feat.npy"]))
+        return members["__key__"], decode_int(read_member(path, *members["cls"])), feats
