@@ -1,0 +1,307 @@
+"""FlatDINO beta-VAE: DINOv2 patch tokens (B, N, D) <-> a short flat latent sequence (B, T, F).
+
+Lineage: the official FlatDINO JAX code (`flatdino/models/vit.py`, `autoencoder.py`, `train.py`, `utils.py`,
+commit cdd398f), as written down in SPEC.md sections 4-5. Layers come from `models/layers.py`.
+
+Encoder: bias-free input projection (only when width != D), T learned latent tokens prepended (after optional
+disposable registers), no positional embedding, pre-LN blocks with qk-LayerNorm and SwiGLU (hidden = 4 x width),
+final LayerNorm, bias-free projection to 2F. Read-out: tokens [R, R+T); first F channels = mu, last F = logvar.
+Decoder: bias-free F -> width projection plus a learned positional embedding on the T latents, N learned query
+tokens (one per output patch, no positional embedding) prepended, blocks, final LayerNorm, bias-free projection to
+D (only when width != D). Read-out: tokens [R, R+N).
+
+Deliberate departures:
+- The encoder's output projection is applied to the T read-out tokens only (the official code projects every token
+  and then discards N of them); the values are identical, the discarded matmul is skipped.
+- Loss knobs (beta, free bits, KL annealing) live in the training config, not in `FlatDINOConfig`, so that one
+  architecture config describes a checkpoint whatever loss trained it. The `-klvarN`, `-tanh`, `-hl` and `-ilN`
+  grammar options are not implemented ("nothing else" than KL weight, annealing, free bits, disposable registers).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.layers import Attention, LayerNorm, SwiGLU, init_linears_, trunc_normal_
+
+LN_EPS = 1e-6
+DEFAULT_KL_NUMERATOR = 5.12e-4  # official `compute_default_kl_weight`: 1e-6 * 512 / (T * F)
+
+
+@dataclass(frozen=True)
+class ViTSize:
+    """One side's transformer size (SPEC 4.2); head_dim = width // heads."""
+
+    width: int
+    depth: int
+    heads: int
+    mlp_hidden: int
+
+
+SIZES: dict[str, ViTSize] = {
+    "t": ViTSize(192, 12, 3, 768),
+    "s": ViTSize(384, 12, 6, 1536),
+    "b": ViTSize(768, 12, 12, 3072),
+    "l": ViTSize(1024, 24, 16, 4096),
+    "micro": ViTSize(64, 2, 1, 256),  # demo/tests only: not an official size
+}
+
+
+@dataclass(frozen=True)
+class FlatDINOConfig:
+    """Architecture of one FlatDINO VAE; the default is the headline guess `32-bl-128` (SPEC 4.6)."""
+
+    encoder: str = "b"
+    decoder: str = "l"
+    num_tokens: int = 32  # T
+    latent_dim: int = 128  # F
+    feature_dim: int = 768  # D (DINOv2-B)
+    num_patches: int = 256  # N (16 x 16 patches at 224 px)
+    encoder_registers: int = 0  # disposable registers, official `-erN`
+    decoder_registers: int = 0  # official `-drN`
+    attn_backend: str = "sdpa"
+
+    def __post_init__(self):
+        for side in (self.encoder, self.decoder):
+            if side not in SIZES:
+                raise ValueError(f"unknown FlatDINO size {side!r}; choose one of {sorted(SIZES)}")
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return (self.num_tokens, self.latent_dim)
+
+    @property
+    def default_kl_weight(self) -> float:
+        """beta = 5.12e-4 / (T * F): 1.25e-7 for 32 x 128 (SPEC 5.1)."""
+        return default_kl_weight(self.num_tokens, self.latent_dim)
+
+
+PRESETS: dict[str, FlatDINOConfig] = {
+    "32-bl-128": FlatDINOConfig(),
+    "32-bb-128": FlatDINOConfig(encoder="b", decoder="b"),
+    "32-bl-64": FlatDINOConfig(latent_dim=64),
+    "32-ss-128": FlatDINOConfig(encoder="s", decoder="s"),
+    "32-tt-128": FlatDINOConfig(encoder="t", decoder="t"),
+    # demo: tiny DINOv2 features (256, 192) -> 32 x 32 keeps the paper's 8x tokens / 48x dims ratios.
+    "demo": FlatDINOConfig(encoder="micro", decoder="micro", latent_dim=32, feature_dim=192),
+}
+
+
+def default_kl_weight(num_tokens: int, latent_dim: int) -> float:
+    """Official default KL weight 5.12e-4 / (T * F)."""
+    return DEFAULT_KL_NUMERATOR / (num_tokens * latent_dim)
+
+
+class Posterior(NamedTuple):
+    """Diagonal Gaussian posterior; each (B, T, F)."""
+
+    mu: torch.Tensor
+    logvar: torch.Tensor
+
+
+class VAEOutput(NamedTuple):
+    """`FlatDINO.forward` result: reconstruction (B, N, D), posterior, and the decoded z (B, T, F)."""
+
+    recon: torch.Tensor
+    posterior: Posterior
+    z: torch.Tensor
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + SwiGLU(LN(x)). (B, L, W) -> (B, L, W)."""
+
+    def __init__(self, size: ViTSize, backend: str):
+        super().__init__()
+        self.norm1 = LayerNorm(size.width, eps=LN_EPS)
+        self.attn = Attention(size.width, size.heads, qkv_bias=True, qk_norm=True, backend=backend)
+        self.norm2 = LayerNorm(size.width, eps=LN_EPS)
+        self.mlp = SwiGLU(size.width, size.mlp_hidden, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Trunk(nn.Module):
+    """`depth` blocks and a final affine LayerNorm. (B, L, W) -> (B, L, W)."""
+
+    def __init__(self, size: ViTSize, backend: str):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(size, backend) for _ in range(size.depth)])
+        self.norm = LayerNorm(size.width, eps=LN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def _tokens(count: int, width: int) -> nn.Parameter | None:
+    """A (1, count, width) learned token table, or None when count is 0."""
+    return nn.Parameter(torch.zeros(1, count, width)) if count > 0 else None
+
+
+def _prepend(x: torch.Tensor, *tables: nn.Parameter | None) -> torch.Tensor:
+    """Concatenate the learned tables (broadcast over the batch) in front of x (B, L, W)."""
+    parts = [t.expand(x.shape[0], -1, -1).to(x.dtype) for t in tables if t is not None]
+    return torch.cat([*parts, x], dim=1)
+
+
+class FlatEncoder(nn.Module):
+    """(B, N, D) patch tokens -> Posterior with mu, logvar each (B, T, F)."""
+
+    def __init__(self, cfg: FlatDINOConfig):
+        super().__init__()
+        size = SIZES[cfg.encoder]
+        self.num_tokens, self.latent_dim, self.skip = cfg.num_tokens, cfg.latent_dim, cfg.encoder_registers
+        needs_proj = size.width != cfg.feature_dim
+        self.in_proj = nn.Linear(cfg.feature_dim, size.width, bias=False) if needs_proj else nn.Identity()
+        self.registers = _tokens(cfg.encoder_registers, size.width)
+        self.latent_tokens = _tokens(cfg.num_tokens, size.width)
+        self.trunk = Trunk(size, cfg.attn_backend)
+        self.out_proj = nn.Linear(size.width, 2 * cfg.latent_dim, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> Posterior:
+        x = self.in_proj(tokens)  # (B, N, W)
+        x = _prepend(x, self.registers, self.latent_tokens)  # (B, R + T + N, W)
+        x = self.trunk(x)
+        h = self.out_proj(x[:, self.skip : self.skip + self.num_tokens])  # (B, T, 2F)
+        mu, logvar = h.float().split(self.latent_dim, dim=-1)  # channel split: first F = mu
+        return Posterior(mu, logvar)
+
+
+class FlatDecoder(nn.Module):
+    """(B, T, F) latents -> (B, N, D) reconstructed patch tokens."""
+
+    def __init__(self, cfg: FlatDINOConfig):
+        super().__init__()
+        size = SIZES[cfg.decoder]
+        self.num_patches, self.skip = cfg.num_patches, cfg.decoder_registers
+        self.latent_proj = nn.Linear(cfg.latent_dim, size.width, bias=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, size.width))
+        self.registers = _tokens(cfg.decoder_registers, size.width)
+        self.queries = _tokens(cfg.num_patches, size.width)
+        self.trunk = Trunk(size, cfg.attn_backend)
+        needs_proj = size.width != cfg.feature_dim
+        self.out_proj = nn.Linear(size.width, cfg.feature_dim, bias=False) if needs_proj else nn.Identity()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.latent_proj(z) + self.pos_embed.to(z.dtype)  # (B, T, W)
+        x = _prepend(x, self.registers, self.queries)  # (B, R + N + T, W)
+        x = self.trunk(x)
+        return self.out_proj(x[:, self.skip : self.skip + self.num_patches]).float()  # (B, N, D)
+
+
+class FlatDINO(nn.Module):
+    """The FlatDINO VAE: `encode` (B, N, D) -> Posterior (B, T, F); `decode` (B, T, F) -> (B, N, D)."""
+
+    def __init__(self, cfg: FlatDINOConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = FlatEncoder(cfg)
+        self.decoder = FlatDecoder(cfg)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Truncated normal(0.02) for linears and every learned token table; zero biases; LN scale 1."""
+        init_linears_(self)
+        for p in self.parameters():
+            if p.ndim == 3:  # registers, latent tokens, queries, pos_embed
+                trunc_normal_(p.data)
+
+    def encode(self, tokens: torch.Tensor) -> Posterior:
+        """(B, N, D) -> Posterior(mu, logvar), each (B, T, F) float32."""
+        return self.encoder(tokens)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, T, F) -> (B, N, D) float32."""
+        return self.decoder(z)
+
+    def forward(self, tokens: torch.Tensor, noise: torch.Tensor | None = None) -> VAEOutput:
+        """(B, N, D), noise (B, T, F) or None -> VAEOutput; z = mu + exp(logvar / 2) * noise, or mu without noise."""
+        post = self.encode(tokens)
+        z = post.mu if noise is None else post.mu + torch.exp(0.5 * post.logvar) * noise
+        return VAEOutput(self.decode(z), post, z)
+
+
+# ----------------------------------------------------------------------------------------------- loss + optimiser
+
+
+class VAELoss(NamedTuple):
+    """Scalar loss terms (each averaged over the batch) and the per-token KL (T,) for logging."""
+
+    total: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+    kl_per_token: torch.Tensor
+
+
+def kl_divergence(post: Posterior) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) per dimension: (B, T, F) -> (B, T, F)."""
+    mu, logvar = post.mu.float(), post.logvar.float()
+    return 0.5 * (torch.exp(logvar) + mu.square() - 1.0 - logvar)
+
+
+def vae_loss(recon: torch.Tensor, target: torch.Tensor, post: Posterior, beta: float, free_bits: float = 0.0) -> VAELoss:
+    """mean Huber(delta=1) over (B, N, D) + beta * mean_b sum_{t,f} max(KL, free_bits) (SPEC 5.1).
+
+    `kl` reports the batch mean of the summed KL before the free-bits floor; `total` uses the floored KL.
+    """
+    rec = F.huber_loss(recon.float(), target.float(), delta=1.0)
+    kl = kl_divergence(post)  # (B, T, F)
+    kl_floored = kl.clamp_min(free_bits) if free_bits > 0 else kl
+    total = rec + beta * kl_floored.sum(dim=(1, 2)).mean()
+    return VAELoss(total, rec, kl.sum(dim=(1, 2)).mean(), kl.sum(dim=2).mean(dim=0).detach())
+
+
+def kl_anneal(step: int, anneal_steps: int) -> float:
+    """Linear KL annealing factor in [0, 1] (official `-anNk`); 1 when annealing is off."""
+    return 1.0 if anneal_steps <= 0 else min(1.0, step / anneal_steps)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on 2-D weight matrices only (biases, norms, token tables excluded)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim == 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim != 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def wsd_lr(step: int, total: int, warmup: int, decay: int, init: float, peak: float, final: float) -> float:
+    """Warmup-stable-decay: linear init -> peak over `warmup` steps, hold, linear peak -> final over the last `decay`."""
+    decay_start = total - decay
+    if step < warmup:
+        return init + (peak - init) * step / warmup
+    if step < decay_start or decay <= 0:
+        return peak
+    return peak + (final - peak) * min(1.0, (step - decay_start) / decay)
+
+
+# ----------------------------------------------------------------------------------------------- weights on disk
+
+
+def config_from_json(d: dict) -> FlatDINOConfig:
+    """FlatDINOConfig from its JSON dict; unknown or missing keys are errors."""
+    return FlatDINOConfig(**d)
+
+
+def load_weights(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tuple[FlatDINO, FlatDINOConfig]:
+    """Build a FlatDINO from `<dir>/config.json` (key "model") and load `<dir>/model.safetensors` strictly."""
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    cfg = config_from_json(json.loads((ckpt_dir / "config.json").read_text())["model"])
+    model = FlatDINO(cfg)
+    model.load_state_dict(load_file(ckpt_dir / "model.safetensors", device=str(device)), strict=True)
+    return model.to(device).eval(), cfg
+
+
+def config_to_json(cfg: FlatDINOConfig) -> dict:
+    """JSON-able dict of a FlatDINOConfig."""
+    return asdict(cfg)

@@ -1,0 +1,195 @@
+"""FlatDINO model, loss, weight-decay mask and WSD schedule (models/flatdino.py)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.flatdino import (
+    PRESETS,
+    FlatDINO,
+    FlatDINOConfig,
+    Posterior,
+    default_kl_weight,
+    kl_anneal,
+    kl_divergence,
+    load_weights,
+    param_groups,
+    vae_loss,
+    wsd_lr,
+)
+
+SMALL = FlatDINOConfig(encoder="micro", decoder="micro", num_tokens=4, latent_dim=8, feature_dim=48, num_patches=16)
+
+
+def small(**kw) -> FlatDINO:
+    torch.manual_seed(0)
+    return FlatDINO(FlatDINOConfig(**{**SMALL.__dict__, **kw})).eval()
+
+
+def test_shapes_and_dtypes():
+    model = small()
+    tokens = torch.randn(3, 16, 48)
+    post = model.encode(tokens)
+    assert post.mu.shape == post.logvar.shape == (3, 4, 8)
+    out = model(tokens, torch.randn(3, 4, 8))
+    assert out.recon.shape == (3, 16, 48) and out.recon.dtype == torch.float32
+    assert PRESETS["32-bl-128"].latent_shape == (32, 128)
+
+
+def test_encoder_readout_is_channel_split_after_registers():
+    model = small(encoder_registers=2)
+    enc, tokens = model.encoder, torch.randn(2, 16, 48)
+    x = torch.cat([enc.registers.expand(2, -1, -1), enc.latent_tokens.expand(2, -1, -1), enc.in_proj(tokens)], 1)
+    h = enc.out_proj(enc.trunk(x))  # (B, 2 + T + N, 2F), projected on every token as the official code does
+    post = model.encode(tokens)
+    torch.testing.assert_close(post.mu, h[:, 2:6, :8])
+    torch.testing.assert_close(post.logvar, h[:, 2:6, 8:])
+
+
+def test_decoder_readout_queries_first_then_latents():
+    model = small(decoder_registers=1)
+    dec, z = model.decoder, torch.randn(2, 4, 8)
+    lat = dec.latent_proj(z) + dec.pos_embed
+    x = torch.cat([dec.registers.expand(2, -1, -1), dec.queries.expand(2, -1, -1), lat], 1)
+    torch.testing.assert_close(model.decode(z), dec.out_proj(dec.trunk(x))[:, 1:17])
+
+
+def test_encoder_has_no_positional_embedding():
+    """Without a positional embedding the encoder is invariant to a permutation of the patch tokens."""
+    model, tokens = small(), torch.randn(2, 16, 48)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(1))
+    a, b = model.encode(tokens), model.encode(tokens[:, perm])
+    torch.testing.assert_close(a.mu, b.mu, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.logvar, b.logvar, atol=1e-5, rtol=1e-5)
+
+
+def test_projections_bias_free_and_skipped_at_feature_width():
+    model = small()
+    assert model.encoder.in_proj.bias is None and model.encoder.out_proj.bias is None
+    assert model.decoder.latent_proj.bias is None and model.decoder.out_proj.bias is None
+    same = small(feature_dim=64)  # micro width is 64: no input / output projection (the ViT-B case)
+    assert isinstance(same.encoder.in_proj, torch.nn.Identity) and isinstance(same.decoder.out_proj, torch.nn.Identity)
+    blk = model.encoder.trunk.blocks[0]
+    assert blk.attn.qkv.bias is not None and blk.mlp.gate.bias is not None and blk.mlp.gate.out_features == 256
+    assert blk.attn.q_norm.bias is None and blk.attn.q_norm.eps == 1e-6
+
+
+def test_param_counts_match_spec_table():
+    """SPEC 4.2: encoder/decoder params for 32 x 128 (t 7.3M, s 28.8M)."""
+    with torch.device("meta"):  # shapes only: skips the slow random init
+        model = FlatDINO(FlatDINOConfig(encoder="t", decoder="s"))
+    assert round(sum(p.numel() for p in model.encoder.parameters()) / 1e5) == 73
+    assert round(sum(p.numel() for p in model.decoder.parameters()) / 1e5) == 288
+
+
+def test_forward_sampling_and_eval_determinism():
+    model, tokens, noise = small(), torch.randn(2, 16, 48), torch.randn(2, 4, 8)
+    out = model(tokens, noise)
+    torch.testing.assert_close(out.z, out.posterior.mu + torch.exp(0.5 * out.posterior.logvar) * noise)
+    torch.testing.assert_close(model(tokens).z, model.encode(tokens).mu)
+    assert torch.equal(model.encode(tokens).mu, model.encode(tokens).mu)
+
+
+def test_init_truncated_normal_tables_and_zero_biases():
+    model = FlatDINO(PRESETS["demo"])
+    q = model.decoder.queries
+    assert q.abs().max() <= 0.04 + 1e-7 and 0.012 < q.std() < 0.02
+    assert all((b == 0).all() for n, b in model.named_parameters() if n.endswith("qkv.bias"))
+
+
+def test_kl_matches_closed_form_distribution():
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, torch.exp(0.5 * logvar)), torch.distributions.Normal(0.0, 1.0)
+    )
+    torch.testing.assert_close(kl_divergence(Posterior(mu, logvar)), ref)
+
+
+def test_loss_is_mean_huber_plus_beta_summed_kl():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 16, 48, generator=g)
+    recon = target + 2.0 * torch.randn(3, 16, 48, generator=g)  # both Huber regimes present
+    post = Posterior(torch.randn(3, 4, 8, generator=g), torch.randn(3, 4, 8, generator=g))
+    d = (recon - target).abs()
+    huber = torch.where(d <= 1, 0.5 * d**2, d - 0.5).mean()
+    kl_sum = kl_divergence(post).sum(dim=(1, 2)).mean()
+    out = vae_loss(recon, target, post, beta=0.01)
+    torch.testing.assert_close(out.recon, huber)
+    torch.testing.assert_close(out.total, huber + 0.01 * kl_sum)
+    torch.testing.assert_close(out.kl_per_token.sum(), kl_sum)
+    floor = vae_loss(recon, target, Posterior(torch.zeros(3, 4, 8), torch.zeros(3, 4, 8)), beta=0.5, free_bits=0.25)
+    torch.testing.assert_close(floor.total, huber + 0.5 * 0.25 * 32)  # KL is 0 everywhere, floored to 0.25
+
+
+def test_default_beta():
+    assert default_kl_weight(32, 128) == pytest.approx(1.25e-7, rel=1e-12)
+    assert default_kl_weight(32, 64) == pytest.approx(2.5e-7, rel=1e-12)
+    assert PRESETS["32-bl-128"].default_kl_weight == pytest.approx(1.25e-7, rel=1e-12)
+    assert kl_anneal(0, 0) == 1.0 and kl_anneal(250, 1000) == 0.25 and kl_anneal(5000, 1000) == 1.0
+
+
+def test_weight_decay_mask_is_exactly_the_2d_weights():
+    model = small(encoder_registers=1, decoder_registers=1)
+    decay, rest = param_groups(model, 0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert decayed == linear_weights and decay["weight_decay"] == 0.02 and rest["weight_decay"] == 0.0
+    excluded = {names[id(p)] for p in rest["params"]}
+    assert {"encoder.latent_tokens", "decoder.queries", "decoder.pos_embed", "encoder.registers"} <= excluded
+    assert len(decayed) + len(excluded) == len(names)
+
+
+def test_wsd_schedule_boundaries_fast_variant():
+    """SPEC 5.2 'fast': 125,113 updates, 12,510 warmup, 12,510 decay starting at 112,603."""
+    lr = lambda s: wsd_lr(s, total=125_113, warmup=12_510, decay=12_510, init=1e-6, peak=1e-4, final=1e-8)
+    assert lr(0) == 1e-6
+    assert lr(6_255) == pytest.approx((1e-6 + 1e-4) / 2)
+    assert lr(12_510) == 1e-4 and lr(112_603) == 1e-4
+    assert lr(112_603 + 6_255) == pytest.approx((1e-4 + 1e-8) / 2)
+    assert lr(125_113) == pytest.approx(1e-8) and lr(10**6) == pytest.approx(1e-8)
+    assert all(lr(s) >= lr(s + 1) for s in range(112_600, 125_113, 97))
+
+
+def test_tiny_vae_overfits_a_handful_of_feature_maps():
+    torch.manual_seed(0)
+    model = FlatDINO(SMALL).train()
+    tokens = F.layer_norm(torch.randn(8, 16, 48), (48,))  # DINO-like: per-token standardised
+    opt = torch.optim.AdamW(param_groups(model, 0.0), lr=3e-3)
+    noise_g = torch.Generator().manual_seed(1)
+    first = None
+    for _ in range(150):
+        out = model(tokens, torch.randn(8, 4, 8, generator=noise_g))
+        loss = vae_loss(out.recon, tokens, out.posterior, beta=default_kl_weight(4, 8))
+        opt.zero_grad()
+        loss.total.backward()
+        opt.step()
+        first = loss.recon.item() if first is None else first
+    with torch.no_grad():
+        final = F.huber_loss(model.eval()(tokens).recon, tokens).item()
+    assert final < first / 10, (first, final)
+
+
+def test_load_weights_strict(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    model = small()
+    (tmp_path / "config.json").write_text(json.dumps({"model": SMALL.__dict__}))
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    loaded, cfg = load_weights(tmp_path)
+    tokens = torch.randn(1, 16, 48)
+    assert cfg == SMALL and torch.equal(loaded.encode(tokens).mu, model.encode(tokens).mu)
+    save_file({k: v for k, v in model.state_dict().items() if "queries" not in k}, tmp_path / "model.safetensors")
+    with pytest.raises(RuntimeError, match="queries"):
+        load_weights(tmp_path)
+
+
+def test_demo_preset_keeps_paper_ratios():
+    cfg = PRESETS["demo"]
+    assert cfg.num_patches // cfg.num_tokens == 8
+    assert math.isclose(cfg.num_patches * cfg.feature_dim / (cfg.num_tokens * cfg.latent_dim), 48)
