@@ -1,0 +1,198 @@
+"""`flatdino features`: frozen DINOv2-with-registers patch features for every image, as float16 webdataset shards.
+
+Per image: ADM centre crop to 256 (CPU, PIL), optional horizontal flip as view 1, antialiased bicubic resize to 224,
+ImageNet normalisation, DINOv2 with the affine-free final LayerNorm, CLS and registers dropped by name. Stored as
+`<key>.feat.npy` of shape (views, patches, dim) float16 plus `<key>.cls`, one output shard per input shard, so the
+output is the same whatever the number of processes. Images that fail to decode are skipped and listed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
+
+import numpy as np
+import torch
+
+from models.encoder import FeatureEncoder, adm_center_crop, init_rae_dir, load_rae, pil_to_uint8
+from pipeline.config import command_from_config, config_to_dict, opt
+from pipeline.manifest import ArtifactError, Manifest, OutputDir, TooManyFailures
+from pipeline.runtime import (Dist, autocast, barrier, current_dist, environment, get_logger, progress,
+                              resolve_device)
+from pipeline.shards import ImageShards, encode_int, encode_npy, for_rank, load_rgb, read_tar_shard, write_tar_shard
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Config:
+    images: Path = field(metadata=opt("input images artifact (flatdino images --out)"))
+    encoder: str = field(metadata=opt(
+        "RAE directory (config.json + safetensors; `flatdino init-encoder` makes a random one) or a hub id such as "
+        "nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08 (needs network)"))
+    out: Path = field(metadata=opt("output artifact directory, e.g. shards/features/demo"))
+    views: int = field(default=2, metadata=opt("1 = centre crop only; 2 = centre crop + its horizontal flip"))
+    batch_size: int = field(default=64, metadata=opt("images per encoder forward"))
+    precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=opt(
+        "encoder compute precision; the official code runs DINOv2 in fp32"))
+    max_failed_fraction: float = field(default=0.001, metadata=opt(
+        "fail if more than this share of images cannot be decoded (they are skipped and listed in the manifest)"))
+    num_workers: int = field(default=4, metadata=opt("decoding threads per process", runtime=True))
+    device: str = field(default="auto", metadata=opt("auto, cpu, cuda, cuda:1 ...", runtime=True))
+    overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
+                                                        runtime=True))
+
+
+def _decode(item: tuple) -> tuple:
+    """(pos, key, cls, bytes, ext) -> (key, cls, uint8 (3, 256, 256) or the error message)."""
+    _, key, cls, data, _ = item
+    try:
+        return key, cls, pil_to_uint8(adm_center_crop(load_rgb(data)))
+    except ValueError as e:
+        return key, cls, str(e)
+
+
+def _prefetch(pool: ThreadPoolExecutor, items: Iterable, fn, depth: int) -> Iterator:
+    """Ordered map over `items` on a thread pool with at most `depth` items in flight."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _batches(decoded: Iterator, batch_size: int, failures: list[dict]) -> Iterator[tuple]:
+    keys, classes, images = [], [], []
+    for key, cls, image in decoded:
+        if isinstance(image, str):
+            failures.append({"key": key, "reason": image})
+            continue
+        keys.append(key), classes.append(cls), images.append(image)
+        if len(keys) == batch_size:
+            yield keys, classes, torch.stack(images)
+            keys, classes, images = [], [], []
+    if keys:
+        yield keys, classes, torch.stack(images)
+
+
+@torch.no_grad()
+def encode_views(encoder: FeatureEncoder, x: torch.Tensor, views: int, precision: str) -> torch.Tensor:
+    """uint8 crops (B, 3, 256, 256) -> float16 features (B, V, N, D); view 1 is the flipped crop."""
+    crops = [x, x.flip(-1)][:views]
+    device = encoder.mean.device
+    with autocast(precision, device):
+        feats = [encoder.encode_images(c.to(device)).patches.float() for c in crops]
+    return torch.stack(feats, dim=1).to(torch.float16).cpu()
+
+
+def _shard_samples(encoder, cfg: Config, records: Iterator, pool, failures: list[dict], bar) -> Iterator[dict]:
+    decoded = _prefetch(pool, records, _decode, depth=4 * cfg.batch_size)
+    for keys, classes, x in _batches(decoded, cfg.batch_size, failures):
+        feats = encode_views(encoder, x, cfg.views, cfg.precision).numpy()
+        for key, cls, f in zip(keys, classes, feats):
+            yield {"__key__": key, "feat.npy": encode_npy(f), "cls": encode_int(cls)}
+        bar.update(len(keys))
+
+
+def run(cfg: Config, dist: Dist | None = None) -> Manifest:
+    """Encode every image shard (this rank's share of the plan); the main process writes the manifest."""
+    dist, t0 = dist or current_dist(), time.time()
+    images = ImageShards(cfg.images)
+    rae = load_rae(cfg.encoder)
+    if cfg.views not in (1, 2):
+        raise ArtifactError(f"--views must be 1 or 2, got {cfg.views}")
+    config = {**config_to_dict(cfg, semantic_only=True), "images": images.manifest.fingerprint}
+    with OutputDir(cfg.out, "features", config, overwrite=cfg.overwrite and dist.is_main, lock=dist.is_main) as od:
+        if od.done:
+            log.info("%s is already complete; nothing to do", cfg.out)
+            return od.manifest
+        device = resolve_device(cfg.device)
+        encoder = FeatureEncoder(rae).to(device).eval()
+        plan = [s for s in images.manifest.shards]
+        todo = [s for s in for_rank(plan, dist) if _out_name(s) not in od.committed()]
+        bar = progress(sum(s["count"] for s in todo), "features", "img", dist)
+        with ThreadPoolExecutor(cfg.num_workers) as pool:
+            for shard in todo:
+                failures: list[dict] = []
+                records = ((0, s["__key__"], int(s["cls"]), s[_ext(s)], _ext(s))
+                           for s in read_tar_shard(images.root / shard["name"]))
+                rec = write_tar_shard(od.path / _out_name(shard),
+                                      _shard_samples(encoder, cfg, records, pool, failures, bar))
+                od.commit({**rec, "split": shard["split"], "source": shard["name"], "failed": failures})
+        bar.close()
+        barrier(dist)
+        if not dist.is_main:
+            return None
+        return _finish(od, cfg, images, encoder, plan, time.time() - t0)
+
+
+def _ext(sample: dict) -> str:
+    return next(e for e in ("jpg", "jpeg", "png", "webp", "bmp") if e in sample)
+
+
+def _out_name(image_shard: dict) -> str:
+    return "features-" + image_shard["name"]
+
+
+def _finish(od: OutputDir, cfg: Config, images: ImageShards, encoder: FeatureEncoder, plan, seconds) -> Manifest | None:
+    committed = od.committed()
+    missing = [_out_name(s) for s in plan if _out_name(s) not in committed]
+    if missing:
+        log.info("%d shards still missing (other ranks); run again to finish", len(missing))
+        return None
+    shards = [committed[_out_name(s)] for s in plan]
+    failures = [f for s in shards for f in s["failed"]]
+    total = sum(s["count"] for s in plan)
+    if total and len(failures) / total > cfg.max_failed_fraction:
+        raise TooManyFailures(f"{len(failures)} of {total} images failed to decode (more than --max-failed-fraction "
+                              f"{cfg.max_failed_fraction}); first: {failures[:3]}")
+    written = sum(s["count"] for s in shards)
+    manifest = Manifest(
+        stage="features", shards=shards, failures=failures, versions=environment(), complete=True,
+        counts={"written": written, "skipped": 0, "failed": len(failures)},
+        inputs={"images": {"path": str(cfg.images), "fingerprint": images.manifest.fingerprint}},
+        models={"encoder": {"source": str(cfg.encoder), "fingerprint": encoder.fingerprint}},
+        fields={"feat.npy": {"dtype": "float16", "shape": [cfg.views, encoder.num_patches, encoder.dim], "codec": "npy"},
+                "cls": {"dtype": "int", "codec": "text"}},
+        extra={"views": cfg.views, "num_patches": encoder.num_patches, "dim": encoder.dim,
+               "classes": images.classes, "encoder": {"source": str(cfg.encoder), "fingerprint": encoder.fingerprint},
+               "splits": {k: sum(s["count"] for s in shards if s["split"] == k) for k in images.splits}},
+        timings={"seconds": round(seconds, 3), "images_per_second": round(written / max(seconds, 1e-9), 2)},
+    )
+    return od.finish(manifest)
+
+
+cli = command_from_config(Config, run, "features", __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1])
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    out: Path = field(metadata=opt("directory to write (config.json + diffusion_pytorch_model.safetensors)"))
+    preset: Literal["tiny", "dinov2-b-xl"] = field(default="tiny", metadata=opt(
+        "tiny: (256, 192) features and a 2-layer pixel decoder, for tests and the demo; dinov2-b-xl: the paper's "
+        "architecture (DINOv2-B/14-reg + RAE ViT-XL decoder) with random weights"))
+    seed: int = field(default=0, metadata=opt("seed of the random weights"))
+
+
+def init_encoder(cfg: InitConfig) -> Path:
+    """Write a random-weight RAE directory unless one with the same preset and seed is already there."""
+    stamp = cfg.out / "init.json"
+    if stamp.exists() and stamp.read_text() == repr((cfg.preset, cfg.seed)):
+        log.info("%s already holds preset %s seed %d; nothing to do", cfg.out, cfg.preset, cfg.seed)
+        return cfg.out
+    init_rae_dir(cfg.out, cfg.preset, cfg.seed)
+    stamp.write_text(repr((cfg.preset, cfg.seed)))
+    return cfg.out
+
+
+init_encoder_cli = command_from_config(
+    InitConfig, init_encoder, "init-encoder",
+    "Write a randomly initialised RAE encoder + pixel decoder directory, in the same format as a pretrained one, "
+    "so tests and the demo run exactly the code path of a user with pretrained weights.",
+    summary=lambda out: f"init-encoder: wrote {out}")
