@@ -1,0 +1,145 @@
+"""`flatdino train-classifier`: the demo's digit classifier, trained on the real demo training images.
+
+Images go through the evaluation protocol (ADM centre crop 256), then to grayscale (PIL "L" luma weights) and back
+down to the digits' native 8x8 grid by area averaging; a multinomial logistic regression (scikit-learn) is fitted on
+the train split and scored on the held-out val split. Only its coefficients are stored (`classifier.npz`, no
+pickle), and prediction is our own numpy code, so the stored parameters are exactly what the val accuracy measures.
+`flatdino fid --classifier DIR` uses it for class-consistency: the share of generated samples classified as the
+class they were conditioned on.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from models.encoder import adm_center_crop
+from pipeline.config import command_from_config, config_to_dict, opt
+from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, file_sha256,
+                               require_complete)
+from pipeline.runtime import environment, get_logger
+from pipeline.shards import ImageShards
+
+log = get_logger(__name__)
+
+STAGE = "train_classifier"
+WEIGHTS = "classifier.npz"
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, as PIL's "L" conversion
+
+
+@dataclass(frozen=True)
+class Config:
+    images: Path = field(metadata=opt("images artifact with 'train' and 'val' splits (flatdino images --out)"))
+    out: Path = field(metadata=opt("output directory, e.g. shards/classifier/demo"))
+    grid: int = field(default=8, metadata=opt("side of the area-averaged grayscale grid (8 = the digits' own)"))
+    c: float = field(default=1.0, metadata=opt("inverse L2 regularisation strength of the logistic regression"))
+    max_iter: int = field(default=2000, metadata=opt("L-BFGS iterations"))
+    min_val_accuracy: float = field(default=0.9, metadata=opt(
+        "refuse to write a classifier whose held-out accuracy is below this (it would make class-consistency noise)"))
+    overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
+                                                        runtime=True))
+
+
+class DigitClassifier(NamedTuple):
+    """Linear softmax classifier on area-averaged grayscale grids."""
+
+    coef: np.ndarray  # (C, grid*grid)
+    intercept: np.ndarray  # (C,)
+    grid: int
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (N, H, W, 3) -> predicted class indices (N,) int64."""
+        x = to_grid(images, self.grid)
+        return np.argmax(x @ self.coef.T + self.intercept, axis=1).astype(np.int64)
+
+
+def to_grid(images: np.ndarray, grid: int, chunk: int = 256) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N, grid*grid) float64 in [0, 1]: the mean over each (H/grid, W/grid) cell, then luma.
+
+    Both steps are linear, so averaging first equals PIL-style grayscale followed by area averaging.
+    """
+    n, h, w, _ = images.shape
+    if h % grid or w % grid:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the {grid}x{grid} grid")
+    out = np.empty((n, grid * grid))
+    for s in range(0, n, chunk):
+        x = images[s : s + chunk].reshape(-1, grid, h // grid, grid, w // grid, 3)
+        cells = x.mean(axis=(2, 4), dtype=np.float64)  # (n, grid, grid, 3)
+        out[s : s + chunk] = (cells @ LUMA / 255.0).reshape(-1, grid * grid)
+    return out
+
+
+def load_split(images: ImageShards, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All images of a split through the evaluation protocol: uint8 (N, 256, 256, 3) and labels (N,)."""
+    xs, ys = [], []
+    for _, _, cls, data, _ in images.iter(split):
+        xs.append(np.asarray(adm_center_crop(images.load_rgb(data)), dtype=np.uint8))
+        ys.append(cls)
+    if not xs:
+        raise ArtifactError(f"{images.root}: the {split!r} split is empty; the classifier needs train and val images")
+    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+
+def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float | None]:
+    """Accuracy per class index (None where a class has no samples)."""
+    return [float(np.mean(pred[labels == c] == c)) if np.any(labels == c) else None for c in range(num_classes)]
+
+
+def load_classifier(path: str | Path) -> tuple[DigitClassifier, Manifest]:
+    """The classifier of a finished `train-classifier` artifact, and its manifest."""
+    manifest = require_complete(path, STAGE)
+    with np.load(Path(path) / WEIGHTS, allow_pickle=False) as z:
+        clf = DigitClassifier(z["coef"], z["intercept"], int(z["grid"]))
+    return clf, manifest
+
+
+def _fit(x: np.ndarray, y: np.ndarray, cfg: Config, num_classes: int) -> DigitClassifier:
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=cfg.c, max_iter=cfg.max_iter).fit(to_grid(x, cfg.grid), y)
+    coef = np.zeros((num_classes, cfg.grid**2))
+    intercept = np.full(num_classes, -np.inf)  # classes absent from train are never predicted
+    coef[model.classes_], intercept[model.classes_] = model.coef_, model.intercept_
+    return DigitClassifier(coef, intercept, cfg.grid)
+
+
+def run(cfg: Config) -> Manifest:
+    """Fit on the train split, score on val, store the coefficients and the accuracies."""
+    t0 = time.time()
+    images = ImageShards(cfg.images)
+    config = {**config_to_dict(cfg, semantic_only=True), "images": images.manifest.fingerprint}
+    with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite) as od:
+        if od.done:
+            log.info("%s is already complete; nothing to do", cfg.out)
+            return od.manifest
+        (x_tr, y_tr), (x_val, y_val) = load_split(images, "train"), load_split(images, "val")
+        clf = _fit(x_tr, y_tr, cfg, len(images.classes))
+        val_pred = clf.predict(x_val)
+        val_acc = float(np.mean(val_pred == y_val))
+        if val_acc < cfg.min_val_accuracy:
+            raise UserError(f"held-out accuracy {val_acc:.3f} is below --min-val-accuracy {cfg.min_val_accuracy}; "
+                            f"this classifier cannot score class-consistency (wrong images artifact?)")
+        buf = io.BytesIO()
+        np.savez(buf, coef=clf.coef, intercept=clf.intercept, grid=np.int64(clf.grid))
+        atomic_write_bytes(od.path / WEIGHTS, buf.getvalue())
+        log.info("classifier: val accuracy %.4f on %d images", val_acc, len(y_val))
+        return od.finish(Manifest(
+            stage=STAGE, complete=True, versions=environment(),
+            counts={"written": 1, "skipped": 0, "failed": 0},
+            inputs={"images": {"path": str(cfg.images), "fingerprint": images.manifest.fingerprint}},
+            shards=[{"name": WEIGHTS, "sha256": file_sha256(od.path / WEIGHTS)}],
+            extra={"val_accuracy": val_acc, "train_accuracy": float(np.mean(clf.predict(x_tr) == y_tr)),
+                   "val_accuracy_per_class": per_class_accuracy(val_pred, y_val, len(images.classes)),
+                   "num_train": len(y_tr), "num_val": len(y_val), "classes": images.classes, "grid": cfg.grid},
+            timings={"seconds": round(time.time() - t0, 3)}))
+
+
+cli = command_from_config(
+    Config, run, "train-classifier", __doc__.split("\n\n")[1],
+    summary=lambda m: f"train-classifier: val accuracy {m.extra['val_accuracy']:.4f} "
+                      f"({m.extra['num_val']} held-out images, train {m.extra['train_accuracy']:.4f})")
