@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Literal
 import numpy as np
 import torch
 
-from models.encoder import FeatureEncoder, adm_center_crop, init_rae_dir, load_rae, pil_to_uint8
+from models.encoder import FeatureEncoder, adm_center_crop, init_rae_dir, load_rae, pil_to_uint8, state_fingerprint
 from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.manifest import ArtifactError, Manifest, OutputDir, TooManyFailures
 from pipeline.runtime import (Dist, autocast, barrier, current_dist, environment, get_logger, progress,
@@ -30,11 +30,11 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True)
 class Config:
-    images: Path = field(metadata=opt("input images artifact (flatdino images --out)"))
+    images: Path = field(metadata=opt("input images artifact (flatdino images --out)", runtime=True))
     encoder: str = field(metadata=opt(
         "RAE directory (config.json + safetensors; `flatdino init-encoder` makes a random one) or a hub id such as "
-        "nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08 (needs network)"))
-    out: Path = field(metadata=opt("output artifact directory, e.g. shards/features/demo"))
+        "nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08 (needs network)", runtime=True))
+    out: Path = field(metadata=opt("output artifact directory, e.g. shards/features/demo", runtime=True))
     views: int = field(default=2, metadata=opt("1 = centre crop only; 2 = centre crop + its horizontal flip"))
     batch_size: int = field(default=64, metadata=opt("images per encoder forward"))
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=opt(
@@ -107,7 +107,9 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest:
     rae = load_rae(cfg.encoder)
     if cfg.views not in (1, 2):
         raise ArtifactError(f"--views must be 1 or 2, got {cfg.views}")
-    config = {**config_to_dict(cfg, semantic_only=True), "images": images.manifest.fingerprint}
+    # paths are runtime knobs (artifacts may move); what they point at is pinned by fingerprint
+    config = {**config_to_dict(cfg, semantic_only=True), "images_fingerprint": images.manifest.fingerprint,
+              "encoder_fingerprint": state_fingerprint(rae, "encoder.")}
     with OutputDir(cfg.out, "features", config, overwrite=cfg.overwrite and dist.is_main, lock=dist.is_main) as od:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)
@@ -161,7 +163,7 @@ def _finish(od: OutputDir, cfg: Config, images: ImageShards, encoder: FeatureEnc
         fields={"feat.npy": {"dtype": "float16", "shape": [cfg.views, encoder.num_patches, encoder.dim], "codec": "npy"},
                 "cls": {"dtype": "int", "codec": "text"}},
         extra={"views": cfg.views, "num_patches": encoder.num_patches, "dim": encoder.dim,
-               "classes": images.classes, "encoder": {"source": str(cfg.encoder), "fingerprint": encoder.fingerprint},
+               "classes": images.classes, "encoder": {"fingerprint": encoder.fingerprint},
                "splits": {k: sum(s["count"] for s in shards if s["split"] == k) for k in images.splits}},
         timings={"seconds": round(seconds, 3), "images_per_second": round(written / max(seconds, 1e-9), 2)},
     )

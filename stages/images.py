@@ -27,7 +27,7 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True)
 class Config:
-    out: Path = field(metadata=opt("output artifact directory, e.g. shards/images/demo"))
+    out: Path = field(metadata=opt("output artifact directory, e.g. shards/images/demo", runtime=True))
     source: str = field(default="digits", metadata=opt(
         "'digits' (scikit-learn's bundled 8x8 digits), an ImageFolder directory DIR/<class>/* (or DIR/train/<class>/* "
         "+ DIR/val/<class>/*), or a quoted glob of webdataset tars 'PATH/*.tar' with jpg/png + cls members"))
