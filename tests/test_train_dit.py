@@ -1,0 +1,189 @@
+"""`flatdino train-dit` end to end on a tiny latents artifact: checkpoints, bitwise resume, no-op re-run, refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.dit import load_dit
+from pipeline import latents_store
+from pipeline.manifest import ConfigMismatch, Manifest, UserError, write_manifest
+from stages import train_dit
+
+N, T, F, CLASSES = 24, 8, 16, 3
+
+
+def make_latents(root, seed: int = 0, scale: float = 2.0):
+    """A complete latents artifact: class-dependent means, per-(token, channel) offsets and scale."""
+    rng = np.random.default_rng(seed)
+    label = np.arange(N) % CLASSES
+    mu = (rng.normal(size=(N, T, F)) + label[:, None, None] + 0.5) * scale
+    path = root / latents_store.STORE
+    latents_store.create_latents(path, N, T, F, chunk=8, attrs={"test": True})
+    latents_store.write_rows(path, 0, mu, label, np.arange(N) // 2, np.arange(N) % 2,
+                             np.array([f"train_{i:08d}" for i in range(N)]))
+    latents_store.finalize_stats(path)
+    write_manifest(root, Manifest(stage="latents", complete=True, extra={"classes": ["a", "b", "c"]}))
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny matmuls: intra-op threads only add contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    return make_latents(tmp_path_factory.mktemp("latents"))
+
+
+def config(latents, out, **kw) -> train_dit.Config:
+    base = dict(latents=latents, out=out, preset="T", steps=6, global_batch=8, lr=1e-3, ckpt_every=2, keep=2,
+                log_every=1, device="cpu")
+    return train_dit.Config(**{**base, **kw})
+
+
+def weights(out):
+    return load_file(str(out / "ckpt" / "model.safetensors")), load_file(str(out / "ckpt" / "ema.safetensors"))
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(latents, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    manifest = train_dit.run(config(latents, out))
+    return out, manifest
+
+
+def test_run_writes_checkpoint_manifest_and_logs(reference, latents):
+    out, m = reference
+    assert m.complete and m.stage == "train_dit" and m.extra["step"] == 6
+    assert m.inputs["latents"]["fingerprint"] == Manifest.from_json(
+        json.loads((latents / "manifest.json").read_text())).fingerprint
+    assert m.extra["kappa"] == pytest.approx(np.sqrt(T * F / 4096))
+    cfg = json.loads((out / "ckpt" / "config.json").read_text())
+    assert cfg["step"] == 6 and cfg["flow"]["kappa"] == m.extra["kappa"] and cfg["normalise"] is False
+    assert cfg["dit"]["tokens"] == T and cfg["dit"]["channels"] == F and cfg["dit"]["num_classes"] == CLASSES
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000004", "000000006"]  # keep = 2
+    assert json.loads((out / "latest.json").read_text())["step"] == 6
+    assert (out / "loss.png").stat().st_size > 0 and any((out / "tb").iterdir())
+    model, ema = weights(out)
+    assert not torch.equal(model["final_layer.linear.weight"], torch.zeros_like(model["final_layer.linear.weight"]))
+    stats = load_file(str(out / "ckpt" / "latent_stats.safetensors"))
+    art = latents_store.open_latents(latents)
+    assert np.array_equal(stats["mean"].numpy(), art.mean) and stats["mean"].dtype == torch.float64
+
+
+def test_ema_is_the_documented_average(latents, tmp_path):
+    """With decay 0 the EMA equals the weights; with decay 1 it stays at the initialisation."""
+    out0 = tmp_path / "d0"
+    train_dit.run(config(latents, out0, steps=2, ema_decay=0.0))
+    model, ema = weights(out0)
+    assert_same(model, ema)
+    out1 = tmp_path / "d1"
+    train_dit.run(config(latents, out1, steps=2, ema_decay=1.0))
+    _, ema1 = weights(out1)
+    assert torch.equal(ema1["final_layer.linear.weight"], torch.zeros(F, 128))  # zero-init output layer
+
+
+def test_loaded_ema_samples(reference):
+    out, _ = reference
+    model, full = load_dit(out)
+    assert full["step"] == 6 and not model.training
+    v = model(torch.randn(2, T, F), torch.rand(2), torch.tensor([0, CLASSES]))
+    assert v.shape == (2, T, F) and torch.isfinite(v).all()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_is_bitwise(reference, latents, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = train_dit.train_step
+
+    def dies_at_step_5(state, data, cfg, step, ctx):
+        if step == 4:  # killed after the step-4 checkpoint, in the middle of step 5
+            raise Killed()
+        return real(state, data, cfg, step, ctx)
+
+    monkeypatch.setattr(train_dit, "train_step", dies_at_step_5)
+    with pytest.raises(Killed):
+        train_dit.run(config(latents, out))
+    assert json.loads((out / "latest.json").read_text())["step"] == 4
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(train_dit, "train_step", real)
+    m = train_dit.run(config(latents, out, log_every=3))  # runtime-only knobs may change on resume
+    assert m.complete
+    ref_model, ref_ema = weights(reference[0])
+    model, ema = weights(out)
+    assert_same(model, ref_model)
+    assert_same(ema, ref_ema)
+
+
+def test_rerun_is_noop_and_other_config_refused(reference, latents):
+    out, m = reference
+    before = (out / "ckpt" / "ema.safetensors").stat().st_mtime_ns
+    again = train_dit.run(config(latents, out))
+    assert again.fingerprint == m.fingerprint
+    assert (out / "ckpt" / "ema.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(ConfigMismatch, match="lr"):
+        train_dit.run(config(latents, out, lr=5e-4))
+
+
+def test_micro_batches_accumulate_to_the_global_batch(latents, tmp_path):
+    a, b = tmp_path / "full", tmp_path / "micro"
+    train_dit.run(config(latents, a, steps=2, weight_decay=0.0))
+    train_dit.run(config(latents, b, steps=2, weight_decay=0.0, micro_batch=2))
+    for (k, x), y in zip(weights(a)[0].items(), weights(b)[0].values()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=k)
+    with pytest.raises(UserError, match="not a multiple"):
+        train_dit.run(config(latents, tmp_path / "bad", steps=2, micro_batch=3))
+
+
+def test_batches_cover_each_epoch_once_and_depend_only_on_step():
+    seen = torch.cat([train_dit.batch_indices(10, 4, s, seed=0) for s in range(5)])  # 20 rows = 2 epochs
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert torch.equal(train_dit.batch_indices(10, 4, 3, seed=0), seen[12:16])
+    assert not torch.equal(train_dit.batch_indices(10, 4, 0, seed=1), seen[:4])
+
+
+def test_normalised_training_data_is_standardised(latents):
+    data = train_dit.load_data(config(latents, latents / "unused", normalise=True))
+    flat = data.z.double()
+    torch.testing.assert_close(flat.mean(0), torch.zeros(T, F, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(flat.std(0, unbiased=False), torch.ones(T, F, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(latents, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    real = train_dit.flow_loss
+    calls = {"n": 0}
+
+    def poisoned(model, z, d):
+        calls["n"] += 1
+        res = real(model, z, d)
+        return res if calls["n"] < 3 else res._replace(loss=res.loss * float("nan"),
+                                                       per_sample=res.per_sample * float("nan"))
+
+    monkeypatch.setattr(train_dit, "flow_loss", poisoned)
+    with pytest.raises(train_dit.TrainingDiverged, match="last good checkpoint is step 2"):
+        train_dit.run(config(latents, out))
+    assert json.loads((out / "latest.json").read_text())["step"] == 2
+    assert (out / "checkpoints" / "000000002" / "ema.safetensors").exists()
+
+
+def test_missing_latents_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="flatdino latents"):
+        train_dit.run(config(tmp_path / "nothing", tmp_path / "out"))
