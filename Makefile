@@ -1,0 +1,146 @@
+# FlatDINO pipeline. `make help` lists the targets; every variable below can be overridden on the command line,
+# e.g. `make features RUN=in1k DATA=/data/imagenet ENCODER=nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08 NPROC=8`.
+# Stages are chained through their manifest.json files, so make rebuilds only what is missing; a stage that is
+# re-run on a finished artifact does nothing, an interrupted one resumes.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+RUN     ?= demo# run name: artifacts go to shards/<stage>/$(RUN)
+DATA    ?= digits# 'digits', an ImageFolder dir, or a quoted tar glob
+NPROC   ?= 1# processes per machine (GPUs); >1 uses accelerate launch --multi_gpu
+ENCODER ?= shards/encoder/$(RUN)# RAE dir or hub id; the demo writes a random tiny one
+ENCODER_PRESET ?= tiny
+VIEWS   ?= $(if $(filter demo,$(RUN)),1,2)# the demo's digits must not be mirrored
+SEED    ?= 0
+
+IMAGES_ARGS   ?=
+FEATURES_ARGS ?=
+VAE_ARGS      ?= $(if $(filter demo,$(RUN)),--preset demo --variant demo,)
+LATENTS_ARGS  ?=
+DIT_ARGS      ?= $(if $(filter demo,$(RUN)),--preset T --recipe demo,--preset XL)
+DECODER_ARGS  ?= $(if $(filter demo,$(RUN)),--recipe demo,)
+SAMPLE_ARGS   ?= $(if $(filter demo,$(RUN)),--per-class 20,--per-class 50)
+FID_ARGS      ?=
+
+S := shards
+IMAGES_M   := $(S)/images/$(RUN)/manifest.json
+FEATURES_M := $(S)/features/$(RUN)/manifest.json
+VAE_M      := $(S)/vae/$(RUN)/manifest.json
+LATENTS_M  := $(S)/latents/$(RUN)/manifest.json
+DIT_M      := $(S)/dit/$(RUN)/manifest.json
+DECODER_M  := $(S)/decoder/$(RUN)/manifest.json
+SAMPLES_M  := $(S)/samples/$(RUN)/manifest.json
+FIDREF_M   := $(S)/fid-ref/$(RUN)/manifest.json
+CLASSIFIER_M := $(S)/classifier/$(RUN)/manifest.json
+METRICS    := $(S)/fid/$(RUN)/metrics.json
+INSTALLED  := $(VENV)/.installed
+
+FLATDINO := $(BIN)/flatdino
+ifeq ($(NPROC),1)
+LAUNCH := $(FLATDINO)
+else
+LAUNCH := $(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) -m pipeline
+endif
+# the demo encoder is a local random-weight directory made by `flatdino init-encoder`; a hub id needs no target
+ENCODER_DEP := $(if $(wildcard $(ENCODER)),,$(if $(findstring $(S)/encoder/,$(ENCODER)),$(ENCODER)/config.json,))
+DEMO_CLASSIFIER := $(if $(filter digits,$(DATA)),--classifier $(S)/classifier/$(RUN),)
+
+.PHONY: help install test test-slow test-gpu demo images features train-vae latents train-dit decoder sample \
+        fid fid-ref classifier reconstruct flops bench clean-demo
+
+help: ## show this help
+	@echo "FlatDINO pipeline: images -> features -> train-vae -> latents -> train-dit -> sample -> fid"
+	@echo "Variables: RUN=$(RUN) DATA=$(DATA) ENCODER=$(ENCODER) NPROC=$(NPROC) VIEWS=$(VIEWS)"
+	@echo
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(INSTALLED): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(INSTALLED) ## create .venv and install the project (torch 2.14.1) into it
+
+test: $(INSTALLED) ## the quick offline test suite (a few minutes on 2 CPU cores)
+	$(BIN)/pytest -q -m "not slow and not gpu"
+
+test-slow: $(INSTALLED) ## the slow tests (multi-process launches, longer training); CI runs them too
+	$(BIN)/pytest -q -m "slow and not gpu"
+
+test-gpu: $(INSTALLED) ## CUDA-only tests (bf16, xformers parity); needs a GPU
+	$(BIN)/pytest -q -m gpu
+
+demo: $(METRICS) ## the whole chain on the bundled digits with tiny presets (CPU, minutes)
+	@echo
+	@echo "demo complete. Look at:"
+	@echo "  sample grid   $(S)/samples/$(RUN)/grid.png"
+	@echo "  metrics       $(METRICS)"
+	@echo "  VAE losses    $(S)/vae/$(RUN)/loss.png   (tensorboard --logdir $(S))"
+	@$(BIN)/python -c "import json; m = json.load(open('$(METRICS)')); print('  summary      ', m.get('summary', ''))"
+
+images: $(IMAGES_M) ## image shards from DATA
+$(IMAGES_M): | $(INSTALLED)
+	$(FLATDINO) images --source '$(DATA)' --out $(S)/images/$(RUN) $(IMAGES_ARGS)
+
+$(S)/encoder/%/config.json: | $(INSTALLED)
+	$(FLATDINO) init-encoder --preset $(ENCODER_PRESET) --seed $(SEED) --out $(S)/encoder/$*
+
+features: $(FEATURES_M) ## DINOv2 patch-feature shards (NPROC processes)
+$(FEATURES_M): $(IMAGES_M) $(ENCODER_DEP)
+	$(LAUNCH) features --images $(S)/images/$(RUN) --encoder $(ENCODER) --out $(S)/features/$(RUN) \
+		--views $(VIEWS) $(FEATURES_ARGS)
+
+train-vae: $(VAE_M) ## train the FlatDINO beta-VAE on the feature shards
+$(VAE_M): $(FEATURES_M)
+	$(LAUNCH) train-vae --features $(S)/features/$(RUN) --out $(S)/vae/$(RUN) $(VAE_ARGS)
+
+latents: $(LATENTS_M) ## FlatDINO posterior means -> latents.zarr (+ exact per-(token, channel) stats)
+$(LATENTS_M): $(FEATURES_M) $(VAE_M)
+	$(LAUNCH) latents --features $(S)/features/$(RUN) --vae $(S)/vae/$(RUN) --out $(S)/latents/$(RUN) $(LATENTS_ARGS)
+
+train-dit: $(DIT_M) ## train the LightningDiT generator on the latents
+$(DIT_M): $(LATENTS_M)
+	$(LAUNCH) train-dit --latents $(S)/latents/$(RUN) --out $(S)/dit/$(RUN) $(DIT_ARGS)
+
+decoder: $(DECODER_M) ## train a pixel decoder (DINOv2 features -> RGB) for this encoder
+$(DECODER_M): $(IMAGES_M) $(FEATURES_M)
+	$(LAUNCH) train-decoder --images $(S)/images/$(RUN) --features $(S)/features/$(RUN) --encoder $(ENCODER) \
+		--out $(S)/decoder/$(RUN) $(DECODER_ARGS)
+
+sample: $(SAMPLES_M) ## class-balanced samples: samples.npz (ADM format) + grid.png
+$(SAMPLES_M): $(DIT_M) $(VAE_M) $(DECODER_M)
+	$(LAUNCH) sample --dit $(S)/dit/$(RUN) --vae $(S)/vae/$(RUN) --decoder $(S)/decoder/$(RUN) \
+		--out $(S)/samples/$(RUN) --seed $(SEED) $(SAMPLE_ARGS)
+
+classifier: $(CLASSIFIER_M) ## the demo's digit classifier, trained on the real training images
+$(CLASSIFIER_M): $(IMAGES_M)
+	$(FLATDINO) train-classifier --images $(S)/images/$(RUN) --out $(S)/classifier/$(RUN)
+
+fid-ref: $(FIDREF_M) ## reference statistics (Inception when available, DINOv2) from the image shards
+$(FIDREF_M): $(IMAGES_M) $(ENCODER_DEP)
+	$(LAUNCH) fid-ref --images $(S)/images/$(RUN) --encoder $(ENCODER) --out $(S)/fid-ref/$(RUN)
+
+fid: $(METRICS) ## FID / IS / precision / recall / FD-DINOv2 (+ class-consistency for the digits)
+$(METRICS): $(SAMPLES_M) $(FIDREF_M) $(if $(DEMO_CLASSIFIER),$(CLASSIFIER_M),)
+	$(LAUNCH) fid --samples $(S)/samples/$(RUN) --reference $(S)/fid-ref/$(RUN) --encoder $(ENCODER) \
+		--out $(S)/fid/$(RUN) $(DEMO_CLASSIFIER) $(FID_ARGS)
+
+reconstruct: $(VAE_M) $(DECODER_M) ## originals vs RAE vs FlatDINO reconstructions of the val split (for rFID)
+	$(FLATDINO) reconstruct --images $(S)/images/$(RUN) --features $(S)/features/$(RUN) --vae $(S)/vae/$(RUN) \
+		--decoder $(S)/decoder/$(RUN) --out $(S)/reconstruct/$(RUN)
+
+flops: $(INSTALLED) ## parameters and GMACs per forward / training step, 32x128 latents vs 256x768 grids
+	$(FLATDINO) flops
+
+bench: $(INSTALLED) ## benchmarks that print figures (see bench/RESULTS.md)
+	$(BIN)/python bench/bench_features.py
+	$(BIN)/python bench/bench_vae.py
+	$(BIN)/python bench/bench_dit.py
+
+clean-demo: ## delete the demo's artifacts (shards/*/demo)
+	rm -rf $(S)/*/demo
