@@ -1,0 +1,558 @@
+"""`flatdino fid-ref` and `flatdino fid`: reference statistics from image shards, and sample-quality metrics.
+
+Protocol (SPEC.md 9, 13.15): images are uint8 256x256 (shards go through the ADM centre crop first, as samples and
+reconstructions already are); torch-fidelity's `inception-v3-compat` resizes them to 299 itself and gives pool_3
+(FID, precision/recall with k = 3) and the unbiased logits (IS in splits of 5,000); our frozen DINOv2 encoder gives
+the CLS token (FD-DINOv2, the headline) and the mean patch token. Fréchet distances are float64 (pipeline.metrics).
+The reference is either ADM's `VIRTUAL_imagenet256_labeled.npz` (its mu/sigma for FID, its images for precision/
+recall and FD-DINOv2) or a `fid-ref` artifact. rFID is `fid` on `flatdino reconstruct`'s npz against `fid-ref
+--split val`. gFID against training-set statistics is the ADM convention, hence `--split train` by default.
+
+Work is split into blocks of global sample indices (rank r takes blocks r::W); each block stores the moments of
+every feature space plus the raw features that later steps need, and the main process merges blocks in index
+order, so every number is identical whatever the number of processes. Metrics whose network is unavailable
+(Inception weights offline) are reported as unavailable with the reason; the others are still computed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from models.encoder import FeatureEncoder, adm_center_crop, load_rae
+from pipeline import metrics
+from pipeline.config import command_from_config, config_to_dict, opt
+from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, atomic_write_json,
+                               file_sha256, json_sha256, read_manifest, require_complete)
+from pipeline.runtime import Dist, barrier, current_dist, environment, get_logger, progress, resolve_device
+from pipeline.shards import ImageShards, ShardSpec, for_rank, plan_shards
+from stages.classifier import DigitClassifier, load_classifier
+
+log = get_logger(__name__)
+
+REFERENCE = "reference.npz"
+METRICS = "metrics.json"
+SAMPLE_NAMES = ("samples.npz", "reconstructions.npz")  # what `sample` and `reconstruct` write
+MOMENT_SPACES = ("pool", "dino_cls", "dino_patch_mean")  # feature spaces with Fréchet statistics
+DINO_SPACES = {"dino_cls": "fd_dinov2", "dino_patch_mean": "fd_dinov2_patch_mean"}
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class RefConfig:
+    images: Path = field(metadata=opt("images artifact (flatdino images --out)"))
+    out: Path = field(metadata=opt("output directory, e.g. shards/fid-ref/demo"))
+    split: Literal["train", "val"] = field(default="train", metadata=opt(
+        "train for gFID (ADM uses training-set statistics), val for rFID against `flatdino reconstruct`"))
+    encoder: str | None = field(default=None, metadata=opt("RAE directory for FD-DINOv2 (omit: no DINOv2 stats)"))
+    inception_weights: Path | None = field(default=None, metadata=opt(
+        "torch-fidelity inception-v3-compat weights (.pth); default: the torch.hub cache, else download"))
+    pr_subset: int = field(default=10000, metadata=opt(
+        "reference images whose pool_3 features are kept for precision/recall (seeded subset; ADM's batch is 10k)"))
+    seed: int = field(default=0, metadata=opt("seed of the precision/recall subset"))
+    block_size: int = field(default=1000, metadata=opt("images per work block (the unit of resume and of ranks)"))
+    batch_size: int = field(default=64, metadata=opt("images per network forward", runtime=True))
+    download: bool = field(default=True, metadata=opt("allow downloading Inception weights", runtime=True))
+    device: str = field(default="auto", metadata=opt("auto, cpu, cuda, cuda:1 ...", runtime=True))
+    overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
+                                                        runtime=True))
+
+
+@dataclass(frozen=True)
+class Config:
+    samples: Path = field(metadata=opt(f"samples: an ADM-format .npz, or a directory holding one of {SAMPLE_NAMES}"))
+    reference: Path = field(metadata=opt("ADM reference batch .npz (VIRTUAL_imagenet256_labeled.npz) or a fid-ref dir"))
+    out: Path = field(metadata=opt("output directory for metrics.json, e.g. shards/fid/demo"))
+    encoder: str | None = field(default=None, metadata=opt("RAE directory for FD-DINOv2 (must match the reference's)"))
+    classifier: Path | None = field(default=None, metadata=opt("train-classifier artifact: adds class_consistency"))
+    inception_weights: Path | None = field(default=None, metadata=opt(
+        "torch-fidelity inception-v3-compat weights (.pth); default: the torch.hub cache, else download"))
+    block_size: int = field(default=1000, metadata=opt("images per work block (the unit of resume and of ranks)"))
+    batch_size: int = field(default=64, metadata=opt("images per network forward", runtime=True))
+    download: bool = field(default=True, metadata=opt("allow downloading Inception weights", runtime=True))
+    device: str = field(default="auto", metadata=opt("auto, cpu, cuda, cuda:1 ...", runtime=True))
+    overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
+                                                        runtime=True))
+
+
+# ----------------------------------------------------------------------------------------------- networks
+
+
+class Extractors(NamedTuple):
+    """The networks that turn images into features, each possibly absent with the reason why."""
+
+    inception: torch.nn.Module | None
+    inception_info: dict  # {"available", "sha256", "path"} or {"available": False, "reason"}
+    encoder: FeatureEncoder | None
+    encoder_info: dict
+    classifier: DigitClassifier | None
+    classifier_info: dict
+
+
+def _load_inception(path: Path | None, download: bool, device: torch.device) -> tuple:
+    try:
+        weights = metrics.resolve_inception_weights(path, download)
+    except FileNotFoundError as e:
+        raise UserError(f"--inception-weights: {e}") from e
+    except metrics.MetricUnavailable as e:
+        log.warning("Inception metrics unavailable: %s", e)
+        return None, {"available": False, "reason": str(e)}
+    try:
+        model = metrics.load_inception(weights, device)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"{weights}: not usable Inception weights ({e})") from e
+    return model, {"available": True, "path": str(weights), "sha256": file_sha256(weights),
+                   "network": "torch-fidelity inception-v3-compat (TF1 bilinear resize to 299)"}
+
+
+def _load_encoder(source: str | None, device: torch.device) -> tuple:
+    if source is None:
+        return None, {"available": False, "reason": "no --encoder given"}
+    encoder = FeatureEncoder(load_rae(source)).to(device).eval()
+    return encoder, {"available": True, "source": str(source), "fingerprint": encoder.fingerprint}
+
+
+def load_extractors(inception: Path | None, download: bool, encoder: str | None, classifier: Path | None,
+                    device: torch.device) -> Extractors:
+    """Inception (or why not), the DINOv2 encoder (or why not) and the demo classifier (optional)."""
+    inc, inc_info = _load_inception(inception, download, device)
+    enc, enc_info = _load_encoder(encoder, device)
+    if classifier is None:
+        return Extractors(inc, inc_info, enc, enc_info, None, {"available": False, "reason": "no --classifier"})
+    clf, m = load_classifier(classifier)
+    info = {"available": True, "path": str(classifier), "fingerprint": m.fingerprint,
+            "val_accuracy": m.extra["val_accuracy"]}
+    return Extractors(inc, inc_info, enc, enc_info, clf, info)
+
+
+@torch.no_grad()
+def extract(ex: Extractors, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """Features of uint8 images (B, H, W, 3): pool (B, 2048), logits (B, 1008), dino_cls (B, D),
+    dino_patch_mean (B, D), pred (B,), for whichever networks are present."""
+    out: dict[str, np.ndarray] = {}
+    if ex.inception is not None:
+        out["pool"], out["logits"] = metrics.inception_features(ex.inception, images, batch_size)
+    if ex.encoder is not None:
+        cls, mean = [], []
+        for s in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size])).permute(0, 3, 1, 2)
+            tokens = ex.encoder.encode_images(x.to(ex.encoder.mean.device))
+            cls.append(tokens.cls.float().cpu().numpy())
+            mean.append(tokens.patches.float().mean(dim=1).cpu().numpy())
+        out["dino_cls"], out["dino_patch_mean"] = np.concatenate(cls), np.concatenate(mean)
+    if ex.classifier is not None:
+        out["pred"] = ex.classifier.predict(images)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- image sources
+
+
+def npz_array(path: Path, name: str) -> np.ndarray:
+    """Array `name` of an .npz, memory-mapped when stored uncompressed (np.savez), else read into memory."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(name + ".npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            with zf.open(info) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        data_start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(
+            local[28:30], "little")
+        f.seek(data_start)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+
+
+class Samples(NamedTuple):
+    images: np.ndarray  # (N, H, W, 3) uint8, possibly memory-mapped
+    labels: np.ndarray | None  # (N,) int64
+    path: Path
+    fingerprint: str
+    manifest: Manifest | None  # the producing stage's manifest (sample / reconstruct), when next to the npz
+
+
+def open_samples(path: Path) -> Samples:
+    """An ADM-format npz (`arr_0` uint8 NHWC, optional `arr_1` labels), directly or inside a stage directory."""
+    npz = path
+    if path.is_dir():
+        found = [path / n for n in SAMPLE_NAMES if (path / n).exists()]
+        if len(found) != 1:
+            raise ArtifactError(f"{path}: expected exactly one of {SAMPLE_NAMES}, found {[p.name for p in found]}")
+        npz = found[0]
+    if not npz.is_file():
+        raise ArtifactError(f"{npz}: no such samples file; run `flatdino sample` (or reconstruct) first")
+    manifest = read_manifest(npz.parent) if (npz.parent / "manifest.json").exists() else None
+    if manifest is not None and not manifest.complete:
+        raise ArtifactError(f"{npz.parent}: the {manifest.stage} artifact is incomplete; re-run it to finish")
+    with zipfile.ZipFile(npz) as zf:
+        names = zf.namelist()
+    images = npz_array(npz, "arr_0")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ArtifactError(f"{npz}: arr_0 must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    labels = np.asarray(npz_array(npz, "arr_1"), dtype=np.int64) if "arr_1.npy" in names else None
+    fingerprint = manifest.fingerprint if manifest is not None else file_sha256(npz)
+    return Samples(images, labels, npz, fingerprint, manifest)
+
+
+def shard_block(shards: ImageShards, split: str, spec: ShardSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Images [start, stop) of a split through the ADM centre crop: uint8 (B, 256, 256, 3) and labels (B,)."""
+    xs, ys = [], []
+    for _, key, cls, data, _ in shards.iter(split, spec.start, spec.stop):
+        try:
+            xs.append(np.asarray(adm_center_crop(shards.load_rgb(data)), dtype=np.uint8))
+        except ValueError as e:
+            raise ArtifactError(f"{shards.root}: image {key} cannot be decoded ({e})") from e
+        ys.append(cls)
+    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+
+
+def _block_name(spec: ShardSpec) -> str:
+    return f"{spec.prefix}-{spec.index:06d}.npz"
+
+
+def write_block(od: OutputDir, spec: ShardSpec, images: np.ndarray, labels: np.ndarray | None,
+                keep: np.ndarray, ex: Extractors, batch_size: int) -> dict:
+    """Features of one block: moments of every space over all rows, raw arrays for the `keep` rows; committed."""
+    feats = extract(ex, images, batch_size)
+    arrays = {"index": np.arange(spec.start, spec.stop)[keep]}
+    if labels is not None:
+        arrays["label_all"] = np.asarray(labels, dtype=np.int64)
+        arrays["label"] = arrays["label_all"][keep]
+    for name, value in feats.items():
+        arrays[name] = value[keep]
+        if name in MOMENT_SPACES:
+            m = metrics.moments(value)
+            arrays[f"{name}.mean"], arrays[f"{name}.m2"] = m.mean, m.m2
+    buf = io.BytesIO()
+    np.savez(buf, count=np.int64(len(images)), **arrays)
+    atomic_write_bytes(od.path / _block_name(spec), buf.getvalue())
+    record = {"name": _block_name(spec), "bytes": len(buf.getvalue()), "count": len(images),
+              "sha256": file_sha256(od.path / _block_name(spec))}
+    od.commit(record)
+    return record
+
+
+def run_blocks(od: OutputDir, plan: list[ShardSpec], dist: Dist, load: Callable, keep: np.ndarray,
+               ex: Extractors, batch_size: int) -> None:
+    """Compute this rank's uncommitted blocks of `plan`; `load(spec)` returns (images, labels or None)."""
+    done = od.committed()
+    todo = [s for s in for_rank(plan, dist) if _block_name(s) not in done]
+    if not todo:
+        return
+    bar = progress(sum(len(s) for s in todo), f"features {todo[0].prefix}", "img", dist)
+    for spec in todo:
+        images, labels = load(spec)
+        write_block(od, spec, images, labels, keep[spec.start : spec.stop], ex, batch_size)
+        bar.update(len(spec))
+    bar.close()
+
+
+class Gathered(NamedTuple):
+    moments: dict[str, metrics.Moments]  # per feature space, merged in block order
+    arrays: dict[str, np.ndarray]  # kept rows, concatenated in block order
+
+
+def gather(od: OutputDir, plan: list[ShardSpec]) -> Gathered | None:
+    """Merge committed blocks in plan order; None while some block is still missing (another rank)."""
+    done = od.committed()
+    missing = [_block_name(s) for s in plan if _block_name(s) not in done]
+    if missing:
+        log.info("%d blocks still missing (other ranks); run again to finish", len(missing))
+        return None
+    parts: dict[str, list] = {}
+    moments: dict[str, list] = {}
+    for spec in plan:
+        with np.load(od.path / _block_name(spec), allow_pickle=False) as z:
+            n = int(z["count"])
+            for name in z.files:
+                if name.endswith(".mean"):
+                    space = name[: -len(".mean")]
+                    moments.setdefault(space, []).append(metrics.Moments(n, z[name], z[space + ".m2"]))
+                elif not name.endswith(".m2") and name != "count":
+                    parts.setdefault(name, []).append(z[name])
+    return Gathered({k: metrics.merge_all(v) for k, v in moments.items()},
+                    {k: np.concatenate(v) for k, v in parts.items()})
+
+
+def _available(info: dict, key: str) -> str | None:
+    """`info[key]` of an available network, None for an unavailable one."""
+    return info[key] if info["available"] else None
+
+
+# ----------------------------------------------------------------------------------------------- fid-ref
+
+
+def pr_mask(n: int, size: int, seed: int) -> np.ndarray:
+    """Boolean (n,): the seeded subset of reference rows whose raw pool features are kept for precision/recall."""
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).choice(n, size, replace=False) if size < n else slice(None)] = True
+    return mask
+
+
+def _write_reference(od: OutputDir, g: Gathered) -> dict[str, int]:
+    arrays = {}
+    for space, m in g.moments.items():
+        st = metrics.gaussian_stats(m)
+        arrays[f"{space}.mu"], arrays[f"{space}.sigma"] = st.mu, st.sigma
+    if "pool" in g.arrays:
+        arrays["pool"] = g.arrays["pool"]
+    buf = io.BytesIO()
+    np.savez(buf, index=g.arrays["index"], label=g.arrays["label"], **arrays)
+    atomic_write_bytes(od.path / REFERENCE, buf.getvalue())
+    return {int(k): int(v) for k, v in zip(*np.unique(g.arrays["label_all"], return_counts=True))}
+
+
+def run_ref(cfg: RefConfig, dist: Dist | None = None) -> Manifest | None:
+    """Reference statistics of one split of an images artifact; the main process writes reference.npz."""
+    dist, t0 = dist or current_dist(), time.time()
+    shards = ImageShards(cfg.images)
+    n = shards.num_samples(cfg.split)
+    if n < 2:
+        raise ArtifactError(f"{cfg.images}: the {cfg.split!r} split has {n} images; statistics need at least 2")
+    device = resolve_device(cfg.device)
+    ex = load_extractors(cfg.inception_weights, cfg.download, cfg.encoder, None, device)
+    config = {**config_to_dict(cfg, semantic_only=True), "images": shards.manifest.fingerprint,
+              "inception": _available(ex.inception_info, "sha256"),
+              "encoder": _available(ex.encoder_info, "fingerprint")}
+    with OutputDir(cfg.out, "fid_ref", config, overwrite=cfg.overwrite and dist.is_main, lock=dist.is_main) as od:
+        if od.done:
+            log.info("%s is already complete; nothing to do", cfg.out)
+            return od.manifest
+        plan = plan_shards(n, cfg.block_size, "ref")
+        run_blocks(od, plan, dist, lambda s: shard_block(shards, cfg.split, s), pr_mask(n, cfg.pr_subset, cfg.seed),
+                   ex, cfg.batch_size)
+        barrier(dist)
+        g = gather(od, plan) if dist.is_main else None
+        if g is None:
+            return None
+        class_counts = _write_reference(od, g)
+        return od.finish(Manifest(
+            stage="fid_ref", complete=True, versions=environment(),
+            counts={"written": n, "skipped": 0, "failed": 0},
+            inputs={"images": {"path": str(cfg.images), "fingerprint": shards.manifest.fingerprint}},
+            models={"inception": ex.inception_info, "encoder": ex.encoder_info},
+            shards=[{"name": REFERENCE, "sha256": file_sha256(od.path / REFERENCE)}],
+            extra={"split": cfg.split, "num_images": n, "class_counts": class_counts, "classes": shards.classes,
+                   "pr_subset": int(len(g.arrays["pool"])) if "pool" in g.arrays else 0, "spaces": sorted(g.moments),
+                   "inception": ex.inception_info, "encoder": ex.encoder_info,
+                   "protocol": "ADM centre crop 256, uint8; Inception resizes to 299 (TF1 bilinear); DINOv2 "
+                               "antialiased bicubic to 224"},
+            timings={"seconds": round(time.time() - t0, 3)}))
+
+
+# ----------------------------------------------------------------------------------------------- fid
+
+
+class Reference(NamedTuple):
+    kind: str  # "adm" (reference batch npz) or "fid_ref" (artifact)
+    path: Path
+    fingerprint: str
+    stats: dict[str, metrics.GaussianStats]  # per feature space, as stored
+    pool: np.ndarray | None  # stored pool_3 features for precision/recall
+    images: np.ndarray | None  # ADM images still to go through the networks
+    inception_sha: str | None
+    encoder_fingerprint: str | None
+    num_images: int
+
+
+def open_reference(path: Path) -> Reference:
+    """An ADM reference batch (.npz with arr_0 and/or mu/sigma) or a `fid-ref` artifact directory."""
+    if path.is_dir():
+        m = require_complete(path, "fid_ref")
+        with np.load(path / REFERENCE, allow_pickle=False) as z:
+            stats = {s: metrics.GaussianStats(z[f"{s}.mu"], z[f"{s}.sigma"]) for s in m.extra["spaces"]}
+            pool = z["pool"] if "pool" in z.files else None
+        return Reference("fid_ref", path, m.fingerprint, stats, pool, None, _available(m.extra["inception"], "sha256"),
+                         _available(m.extra["encoder"], "fingerprint"), m.extra["num_images"])
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such reference; pass VIRTUAL_imagenet256_labeled.npz or a fid-ref directory")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = set(z.files)
+            stats = {"pool": metrics.GaussianStats(z["mu"].astype(np.float64), z["sigma"].astype(np.float64))} \
+                if {"mu", "sigma"} <= names else {}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ArtifactError(f"{path}: not a readable .npz reference batch ({e})") from e
+    images = npz_array(path, "arr_0") if "arr_0" in names else None
+    if images is None and not stats:
+        raise ArtifactError(f"{path}: neither images (arr_0) nor Inception mu/sigma; not an ADM reference batch")
+    n = len(images) if images is not None else 0
+    return Reference("adm", path, file_sha256(path), stats, None, images, None, None, n)
+
+
+def check_compatible(ref: Reference, ex: Extractors) -> None:
+    """Refuse statistics made with another network than the samples' (the distance would be meaningless)."""
+    enc = _available(ex.encoder_info, "fingerprint")
+    if ref.encoder_fingerprint and enc and ref.encoder_fingerprint != enc:
+        raise ArtifactError(f"{ref.path}: its DINOv2 statistics come from encoder {ref.encoder_fingerprint[:12]}, "
+                            f"but --encoder is {enc[:12]}; FD-DINOv2 needs the same encoder on both sides")
+    inc = _available(ex.inception_info, "sha256")
+    if ref.inception_sha and inc and ref.inception_sha != inc:
+        raise ArtifactError(f"{ref.path}: its Inception statistics come from weights {ref.inception_sha[:12]}, "
+                            f"but these are {inc[:12]}; use the same --inception-weights for both")
+
+
+def _missing(reason: str) -> dict:
+    return {"value": None, "reason": reason}
+
+
+def _frechet(sg: Gathered, ref_stats: dict, space: str, net: dict, what: str) -> dict:
+    if space not in sg.moments:
+        return _missing(net["reason"] if not net["available"] else f"no {space} features for the samples")
+    if space not in ref_stats:
+        return _missing(f"the reference has no {what} statistics")
+    return {"value": metrics.frechet_from_stats(metrics.gaussian_stats(sg.moments[space]), ref_stats[space])}
+
+
+def _class_consistency(sg: Gathered, ex: Extractors, labels: np.ndarray | None, classes: list[str]) -> dict:
+    if ex.classifier is None:
+        return _missing(ex.classifier_info["reason"])
+    if labels is None:
+        return _missing("the samples carry no labels (arr_1)")
+    pred, acc = sg.arrays["pred"], metrics_per_class(sg.arrays["pred"], labels, len(classes))
+    return {"value": float(np.mean(pred == labels)), "per_class": dict(zip(classes, acc))}
+
+
+def metrics_per_class(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float | None]:
+    """Share of samples of each conditioning class predicted as that class (None for absent classes)."""
+    return [float(np.mean(pred[labels == c] == c)) if np.any(labels == c) else None for c in range(num_classes)]
+
+
+def compute_metrics(sg: Gathered, ref: Reference, rg: Gathered | None, ex: Extractors, labels: np.ndarray | None,
+                    classes: list[str], device: torch.device) -> dict:
+    """Every metric, each either {"value": ...} or {"value": None, "reason": ...}."""
+    ref_stats = dict(ref.stats)  # stored statistics take precedence (ADM uses the batch's own mu/sigma)
+    ref_pool = ref.pool
+    if rg is not None:
+        for space, m in rg.moments.items():
+            ref_stats.setdefault(space, metrics.gaussian_stats(m))
+        ref_pool = rg.arrays["pool"] if "pool" in rg.arrays else None
+    out = {"fid": _frechet(sg, ref_stats, "pool", ex.inception_info, "Inception")}
+    if "logits" in sg.arrays:
+        mean, std = metrics.inception_score(sg.arrays["logits"])
+        out["inception_score"] = {"value": mean, "std": std, "split_size": metrics.IS_SPLIT_SIZE}
+    else:
+        out["inception_score"] = _missing(ex.inception_info["reason"])
+    if "pool" in sg.arrays and ref_pool is not None:
+        pr = metrics.precision_recall(ref_pool, sg.arrays["pool"], metrics.PR_NEIGHBOURS, device)
+        out["precision"], out["recall"] = {"value": pr.precision}, {"value": pr.recall}
+    else:
+        inc = ex.inception_info
+        reason = "the reference has no pool_3 features" if inc["available"] else inc["reason"]
+        out["precision"], out["recall"] = _missing(reason), _missing(reason)
+    for space, name in DINO_SPACES.items():
+        out[name] = {**_frechet(sg, ref_stats, space, ex.encoder_info, "DINOv2"), "space": space}
+    out["class_consistency"] = _class_consistency(sg, ex, labels, classes)
+    return out
+
+
+def protocol(samples: Samples, ref: Reference, ex: Extractors, classes: list[str]) -> dict:
+    """Everything needed to trace a number: sample set, class balance, reference, sampler, networks."""
+    counts = {} if samples.labels is None else {
+        classes[c] if c < len(classes) else str(c): int(k) for c, k in zip(*np.unique(samples.labels, return_counts=True))}
+    m = samples.manifest
+    return {
+        "num_samples": int(len(samples.images)), "image_shape": list(samples.images.shape[1:]),
+        "class_counts": counts, "class_balanced": len(set(counts.values())) == 1 if counts else None,
+        "samples": {"path": str(samples.path), "fingerprint": samples.fingerprint, "stage": m.stage if m else None},
+        "sampler": m.extra if m else None, "sample_models": m.models if m else None,
+        "sample_inputs": m.inputs if m else None,
+        "reference": {"kind": ref.kind, "path": str(ref.path), "fingerprint": ref.fingerprint,
+                      "num_images": ref.num_images},
+        "inception": ex.inception_info, "encoder": ex.encoder_info, "classifier": ex.classifier_info,
+        "inception_score_split_size": metrics.IS_SPLIT_SIZE, "precision_recall_k": metrics.PR_NEIGHBOURS,
+        "frechet": "float64; trace sqrt via the eigenvalues of sqrt(S1) S2 sqrt(S1)",
+    }
+
+
+def _classes(ex: Extractors, ref: Reference, labels: np.ndarray | None) -> list[str]:
+    if ref.kind == "fid_ref":
+        return read_manifest(ref.path).extra["classes"]
+    return [str(c) for c in range(int(labels.max()) + 1)] if labels is not None and len(labels) else []
+
+
+def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
+    """Features of the samples (and of ADM reference images), then every metric; main writes metrics.json."""
+    dist, t0 = dist or current_dist(), time.time()
+    samples, ref = open_samples(cfg.samples), open_reference(cfg.reference)
+    device = resolve_device(cfg.device)
+    ex = load_extractors(cfg.inception_weights, cfg.download, cfg.encoder, cfg.classifier, device)
+    check_compatible(ref, ex)
+    config = {**config_to_dict(cfg, semantic_only=True), "samples": samples.fingerprint, "reference": ref.fingerprint,
+              "inception": _available(ex.inception_info, "sha256"), "encoder": _available(ex.encoder_info, "fingerprint"),
+              "classifier": _available(ex.classifier_info, "fingerprint")}
+    with OutputDir(cfg.out, "fid", config, overwrite=cfg.overwrite and dist.is_main, lock=dist.is_main) as od:
+        if od.done:
+            log.info("%s is already complete; nothing to do", cfg.out)
+            return od.manifest
+        n = len(samples.images)
+        plan = plan_shards(n, cfg.block_size, "samples")
+        labels = samples.labels
+        run_blocks(od, plan, dist, lambda s: (samples.images[s.start : s.stop],
+                                              None if labels is None else labels[s.start : s.stop]),
+                   np.ones(n, dtype=bool), ex, cfg.batch_size)
+        ref_n = 0 if ref.images is None else len(ref.images)
+        ref_plan = plan_shards(ref_n, cfg.block_size, "reference")
+        run_blocks(od, ref_plan, dist, lambda s: (ref.images[s.start : s.stop], None), np.ones(ref_n, dtype=bool),
+                   ex, cfg.batch_size)
+        barrier(dist)
+        sg = gather(od, plan) if dist.is_main else None
+        rg = gather(od, ref_plan) if sg is not None and ref_plan else None
+        if sg is None or (ref_plan and rg is None):
+            return None
+        classes = _classes(ex, ref, labels)
+        report = {"metrics": compute_metrics(sg, ref, rg, ex, labels, classes, device),
+                  "protocol": protocol(samples, ref, ex, classes)}
+        atomic_write_json(od.path / METRICS, report)
+        return od.finish(Manifest(
+            stage="fid", complete=True, versions=environment(), extra=report,
+            counts={"written": n, "skipped": 0, "failed": 0},
+            inputs={"samples": {"path": str(samples.path), "fingerprint": samples.fingerprint},
+                    "reference": {"path": str(ref.path), "fingerprint": ref.fingerprint}},
+            models={"inception": ex.inception_info, "encoder": ex.encoder_info, "classifier": ex.classifier_info},
+            shards=[{"name": METRICS, "sha256": file_sha256(od.path / METRICS)}],
+            timings={"seconds": round(time.time() - t0, 3)}))
+
+
+def _fmt(entry: dict, digits: int = 4) -> str:
+    return "n/a" if entry["value"] is None else f"{entry['value']:.{digits}f}"
+
+
+def summary(m: Manifest) -> str:
+    """One line: every metric (n/a when unavailable), sample count and reference."""
+    x, p = m.extra["metrics"], m.extra["protocol"]
+    return (f"fid: FID {_fmt(x['fid'])} | IS {_fmt(x['inception_score'], 2)} | precision {_fmt(x['precision'], 3)} "
+            f"recall {_fmt(x['recall'], 3)} | FD-DINOv2(cls) {_fmt(x['fd_dinov2'])} | class-consistency "
+            f"{_fmt(x['class_consistency'], 3)} | {p['num_samples']} samples vs {p['reference']['kind']} "
+            f"{p['reference']['path']}")
+
+
+def ref_summary(m: Manifest) -> str:
+    return (f"fid-ref: {m.extra['num_images']} {m.extra['split']} images, spaces {', '.join(m.extra['spaces'])}, "
+            f"{m.extra['pr_subset']} pool_3 features kept for precision/recall")
+
+
+cli = command_from_config(Config, run, "fid", "FID, IS, precision/recall (k=3), FD-DINOv2 and class-consistency of a "
+                          "samples npz against an ADM reference batch or a fid-ref artifact; writes metrics.json.",
+                          summary=summary)
+fid_ref_cli = command_from_config(RefConfig, run_ref, "fid-ref", "Reference statistics (Inception pool_3, DINOv2 CLS "
+                                  "and mean patch) of one split of an images artifact, ADM centre crop protocol.",
+                                  summary=ref_summary)
