@@ -52,7 +52,7 @@ class Config:
     latents: Path = field(metadata=opt("latents artifact directory (holds latents.zarr and manifest.json)"))
     out: Path = field(metadata=opt("output directory for checkpoints, logs and the manifest"))
     preset: str = field(default="XL", metadata=opt(f"DiT preset: one of {', '.join(PRESETS)}"))
-    steps: int = field(default=400_000, metadata=opt("optimizer steps in total"))
+    steps: int = field(default=1_000_911, metadata=opt("optimizer steps in total (official default: 800 epochs)"))
     global_batch: int = field(default=1024, metadata=opt("samples per optimizer step, over all processes"))
     lr: float = field(default=2e-4, metadata=opt("constant AdamW learning rate (no warmup, SPEC 7.3)"))
     weight_decay: float = field(default=1e-4, metadata=opt("AdamW weight decay on every parameter (optax default)"))
