@@ -8,6 +8,7 @@ an output directory against mixed runs.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import sys
 import types
 import typing
@@ -112,6 +113,11 @@ def command_from_config(cls: type, run: Callable, name: str, help: str, summary:
         except UserError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
+        except OSError as e:
+            if e.errno not in STORAGE_ERRNOS:
+                raise
+            click.secho(f"error: {storage_error_message(e, kwargs.get('out'))}", fg="red", err=True)
+            sys.exit(2)
         if result is not None:
             click.echo(summary(result) if summary else _default_summary(name, cfg, result))
 
@@ -119,6 +125,19 @@ def command_from_config(cls: type, run: Callable, name: str, help: str, summary:
     for f in reversed(dataclasses.fields(cls)):
         cmd = _click_option(f, hints[f.name])(cmd)
     return click.command(name=name, help=help, context_settings={"show_default": True, "max_content_width": 110})(cmd)
+
+
+# write errors that mean "the storage failed us", not "the code is wrong": reported without a traceback
+STORAGE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+                  errno.EIO: "I/O error", errno.EROFS: "Read-only file system"}
+
+
+def storage_error_message(e: OSError, out: Any = None) -> str:
+    """The user-facing message for a storage OSError: what failed, where, and that committed work is kept."""
+    where = e.filename or (f"under {out}" if out is not None else "the output")
+    action = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the storage"
+    return (f"{STORAGE_ERRNOS[e.errno]} while writing {where}: {action} and re-run the same command; "
+            f"committed shards and checkpoints are kept and the run resumes from them")
 
 
 def _default_summary(name: str, cfg: Any, manifest: Any) -> str:
