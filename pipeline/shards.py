@@ -90,18 +90,22 @@ def write_tar_shard(path: str | Path, samples: Iterable[dict]) -> dict:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     keys: list[str] = []
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for sample in samples:
-                key = sample["__key__"]
-                if "." in key or "/" in key:
-                    raise ValueError(f"webdataset keys may not contain '.' or '/': {key!r}")
-                keys.append(key)
-                for ext in sorted(k for k in sample if not k.startswith("__")):
-                    data = sample[ext]
-                    tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for sample in samples:
+                    key = sample["__key__"]
+                    if "." in key or "/" in key:
+                        raise ValueError(f"webdataset keys may not contain '.' or '/': {key!r}")
+                    keys.append(key)
+                    for ext in sorted(k for k in sample if not k.startswith("__")):
+                        data = sample[ext]
+                        tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full, bad input) must not leave a partial file behind
+        raise
     sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
     size = tmp.stat().st_size
     os.replace(tmp, path)
@@ -204,16 +208,35 @@ class _ShardedArtifact:
                 continue
             if pos >= stop:
                 break
-            for sample in read_tar_shard(self.root / rec["name"]):
+            path, seen = self._checked(rec), 0
+            for sample in read_tar_shard(path):
                 if start <= pos < stop:
                     yield pos, sample
-                pos += 1
+                pos, seen = pos + 1, seen + 1
+            if seen != rec["count"]:
+                raise ArtifactError(f"{path}: holds {seen} samples but its manifest records {rec['count']}; "
+                                    f"{self._rerun_hint(rec)}")
+
+    def _checked(self, rec: dict) -> Path:
+        """The path of a shard whose size still matches its record (a truncated or replaced shard is refused)."""
+        path = self.root / rec["name"]
+        if not path.is_file():
+            raise ArtifactError(f"{path}: shard missing; {self._rerun_hint(rec)}")
+        size = path.stat().st_size
+        if "bytes" in rec and size != rec["bytes"]:
+            raise ArtifactError(f"{path}: {size} bytes on disk but its manifest records {rec['bytes']} (truncated or "
+                                f"replaced); {self._rerun_hint(rec)}")
+        return path
+
+    def _rerun_hint(self, rec: dict) -> str:
+        return (f"re-run `flatdino {self.stage}` with the same options and --out {self.root}: it rewrites only the "
+                f"damaged shard {rec['name']} (same bytes as before)")
 
     def _locate(self, split: str, i: int) -> tuple[Path, dict]:
         if split not in self._index:
             table = []
             for rec in self.shards(split):
-                idx = index_tar_shard(self.root / rec["name"])
+                idx = index_tar_shard(self._checked(rec))
                 table.extend((self.root / rec["name"], key, members) for key, members in idx.items())
             self._index[split] = table
         path, key, members = self._index[split][i]
