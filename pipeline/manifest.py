@@ -12,6 +12,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -52,10 +53,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file in the same directory, fsync, then rename."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # disk full or I/O error: leave no partial file behind
+        raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -157,6 +162,17 @@ def require_complete(out: str | Path, stage: str) -> Manifest:
     return m
 
 
+def damaged_shards(out: str | Path, manifest: Manifest) -> list[str]:
+    """Names of the manifest's shard files that are missing or whose size differs from their record."""
+    bad = []
+    for rec in manifest.shards:
+        if "name" in rec and "bytes" in rec:
+            path = Path(out) / rec["name"]
+            if not path.is_file() or path.stat().st_size != rec["bytes"]:
+                bad.append(rec["name"])
+    return bad
+
+
 def write_manifest(out: str | Path, manifest: Manifest) -> None:
     atomic_write_json(Path(out) / MANIFEST, manifest.to_json())
 
@@ -226,8 +242,13 @@ class OutputDir:
             if (self.path / MANIFEST).exists():
                 m = read_manifest(self.path)
                 if m.complete and m.config_hash == self.config_hash:
-                    self.manifest, self.done = m, True
-                    return
+                    damaged = damaged_shards(self.path, m)
+                    if not damaged:
+                        self.manifest, self.done = m, True
+                        return
+                    logging.getLogger("flatdino.manifest").warning(
+                        "%s: %d shard(s) missing or truncated (%s); rewriting them", self.path, len(damaged),
+                        ", ".join(damaged[:3]))
         atomic_write_json(stamp, {"stage": self.stage, "config_hash": self.config_hash, "config": self.config})
 
     def _mismatch_message(self, old: dict) -> str:
