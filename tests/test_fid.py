@@ -1,0 +1,165 @@
+"""`fid-ref` and `fid` end to end on tiny artifacts: statistics vs in-memory computation, ranks, references, reports."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.encoder import FeatureEncoder, adm_center_crop, init_rae_dir, load_rae
+from pipeline import metrics
+from pipeline.manifest import ArtifactError, Manifest, write_manifest
+from pipeline.runtime import Dist
+from pipeline.shards import ImageShards
+from stages import classifier, fid
+
+
+@pytest.fixture(autouse=True)
+def no_cached_inception(tmp_path, monkeypatch):
+    """Keep any real cached weights out of reach: Inception is unavailable unless a test passes a file."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+
+def _in_memory(images_artifact, split):
+    shards = ImageShards(images_artifact)
+    xs, ys = [], []
+    for _, _, cls, data, _ in shards.iter(split):
+        xs.append(np.asarray(adm_center_crop(shards.load_rgb(data)), dtype=np.uint8))
+        ys.append(cls)
+    return np.stack(xs), np.asarray(ys)
+
+
+def _cls_features(encoder_dir, x):
+    enc = FeatureEncoder(load_rae(encoder_dir)).eval()
+    return enc.encode_images(torch.from_numpy(x).permute(0, 3, 1, 2)).cls.double().numpy()
+
+
+def _ref_cfg(images_artifact, encoder_dir, out, **kw):
+    return fid.RefConfig(images=images_artifact, out=out, encoder=str(encoder_dir), block_size=4, pr_subset=5,
+                         download=False, device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(images_artifact, encoder_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "train"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.hub, "get_dir", lambda: str(out.parent / "hub"))
+        fid.run_ref(_ref_cfg(images_artifact, encoder_dir, out), dist=Dist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def samples_dir(images_artifact, tmp_path_factory):
+    """The val images as 'generated samples', with a sample-stage manifest carrying a protocol."""
+    out = tmp_path_factory.mktemp("samples")
+    x, y = _in_memory(images_artifact, "val")
+    np.savez(out / "samples.npz", x, y)
+    write_manifest(out, Manifest(stage="sample", complete=True, models={"dit": {"sha256": "abc"}},
+                                 extra={"sampler": "euler", "steps": 50, "cfg_scale": 1.5, "cfg_interval": [0.3, 1.0],
+                                        "per_class": 2, "seed": 0, "kappa": 1.0}))
+    return out
+
+
+def test_reference_stats_from_shards_equal_in_memory(reference, images_artifact, encoder_dir):
+    x, y = _in_memory(images_artifact, "train")
+    expected = metrics.feature_stats(_cls_features(encoder_dir, x))
+    with np.load(reference / fid.REFERENCE) as z:
+        np.testing.assert_allclose(z["dino_cls.mu"], expected.mu, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(z["dino_cls.sigma"], expected.sigma, rtol=1e-4, atol=1e-6)
+        assert z["dino_patch_mean.sigma"].shape == (192, 192) and "pool.mu" not in z.files
+        assert len(z["index"]) == 5 and np.array_equal(y[z["index"]], z["label"])
+    m = fid.read_manifest(reference)
+    assert m.extra["num_images"] == len(x) == 18
+    assert m.extra["class_counts"] == {str(c): int(k) for c, k in zip(*np.unique(y, return_counts=True))}
+    assert m.extra["inception"]["available"] is False and "downloading disabled" in m.extra["inception"]["reason"]
+
+
+def test_reference_is_identical_across_ranks_and_resumes(reference, images_artifact, encoder_dir, tmp_path):
+    cfg = _ref_cfg(images_artifact, encoder_dir, tmp_path / "ranks")
+    assert fid.run_ref(cfg, dist=Dist(1, 2)) is None  # rank 1 writes its blocks and leaves the rest to main
+    assert sorted(p.name for p in cfg.out.glob("ref-*.npz")) == ["ref-000001.npz", "ref-000003.npz"]
+    m = fid.run_ref(cfg, dist=Dist(0, 2))
+    with np.load(reference / fid.REFERENCE) as a, np.load(cfg.out / fid.REFERENCE) as b:
+        assert a.files == b.files
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])
+    assert m.shards == fid.read_manifest(reference).shards
+    assert fid.run_ref(cfg, dist=Dist()).fingerprint == m.fingerprint  # re-run: no-op
+
+
+def _classifier(images_artifact, tmp_path):
+    out = tmp_path / "clf"
+    classifier.run(classifier.Config(images=images_artifact, out=out, min_val_accuracy=0.0))
+    return out
+
+
+def test_fid_end_to_end_without_inception(reference, samples_dir, images_artifact, encoder_dir, tmp_path):
+    clf_dir = _classifier(images_artifact, tmp_path)
+    cfg = fid.Config(samples=samples_dir, reference=reference, out=tmp_path / "fid", encoder=str(encoder_dir),
+                     classifier=clf_dir, block_size=4, download=False, device="cpu")
+    m = fid.run(cfg, dist=Dist())
+    report = json.loads((cfg.out / fid.METRICS).read_text())
+    assert report == json.loads(json.dumps(m.extra))
+    x, y = _in_memory(images_artifact, "val")
+    with np.load(reference / fid.REFERENCE) as z:
+        ref_stats = metrics.GaussianStats(z["dino_cls.mu"], z["dino_cls.sigma"])
+    expected = metrics.frechet_from_stats(metrics.feature_stats(_cls_features(encoder_dir, x)), ref_stats)
+    got = report["metrics"]
+    assert got["fd_dinov2"]["space"] == "dino_cls"
+    assert got["fd_dinov2"]["value"] == pytest.approx(expected, rel=1e-4)
+    pred = classifier.load_classifier(clf_dir)[0].predict(x)
+    assert got["class_consistency"]["value"] == pytest.approx(np.mean(pred == y))
+    assert got["class_consistency"]["per_class"]["cat"] == pytest.approx(np.mean(pred[y == 0] == 0))
+    for name in ("fid", "inception_score", "precision", "recall"):
+        assert got[name]["value"] is None and "downloading disabled" in got[name]["reason"]
+    proto = report["protocol"]
+    assert proto["sampler"]["cfg_scale"] == 1.5 and proto["sample_models"] == {"dit": {"sha256": "abc"}}
+    assert proto["num_samples"] == len(x) and proto["reference"]["kind"] == "fid_ref"
+    assert sum(proto["class_counts"].values()) == len(x)
+    line = fid.summary(m)
+    assert "FID n/a" in line and f"FD-DINOv2(cls) {expected:.4f}" in line
+    assert fid.run(cfg, dist=Dist()).fingerprint == m.fingerprint  # re-run: no-op
+
+
+def test_fid_refuses_another_encoder(reference, samples_dir, tmp_path):
+    other = init_rae_dir(tmp_path / "enc1", "tiny", seed=1)
+    cfg = fid.Config(samples=samples_dir, reference=reference, out=tmp_path / "fid", encoder=str(other),
+                     download=False, device="cpu")
+    with pytest.raises(ArtifactError, match="FD-DINOv2 needs the same encoder"):
+        fid.run(cfg, dist=Dist())
+
+
+def test_adm_reference_batch_matches_fid_ref(reference, samples_dir, images_artifact, encoder_dir, tmp_path):
+    x, y = _in_memory(images_artifact, "train")
+    np.savez(tmp_path / "VIRTUAL_ref.npz", x, y, mu=np.zeros(3), sigma=np.eye(3))  # ADM layout (stats unused here)
+    common = dict(samples=samples_dir / "samples.npz", encoder=str(encoder_dir), block_size=5, download=False,
+                  device="cpu")
+    adm = fid.run(fid.Config(reference=tmp_path / "VIRTUAL_ref.npz", out=tmp_path / "a", **common), dist=Dist())
+    ours = fid.run(fid.Config(reference=reference, out=tmp_path / "b", **common), dist=Dist())
+    assert adm.extra["protocol"]["reference"]["kind"] == "adm"
+    for name in ("fd_dinov2", "fd_dinov2_patch_mean"):
+        assert adm.extra["metrics"][name]["value"] == pytest.approx(ours.extra["metrics"][name]["value"], rel=1e-4)
+    assert adm.extra["metrics"]["class_consistency"]["reason"] == "no --classifier"
+
+
+def test_npz_array_memmaps_stored_and_reads_compressed(tmp_path):
+    a = np.random.default_rng(0).integers(0, 256, (3, 4, 5, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", a, np.arange(3))
+    np.savez_compressed(tmp_path / "c.npz", a)
+    stored = fid.npz_array(tmp_path / "s.npz", "arr_0")
+    assert isinstance(stored, np.memmap) and np.array_equal(stored, a)
+    assert np.array_equal(fid.npz_array(tmp_path / "c.npz", "arr_0"), a)
+    np.testing.assert_array_equal(fid.npz_array(tmp_path / "s.npz", "arr_1"), np.arange(3))
+
+
+def test_open_samples_errors(tmp_path):
+    (tmp_path / "d").mkdir()
+    np.savez(tmp_path / "d" / "samples.npz", np.zeros((2, 4, 4, 3), np.uint8))
+    np.savez(tmp_path / "d" / "reconstructions.npz", np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(ArtifactError, match="expected exactly one of"):
+        fid.open_samples(tmp_path / "d")
+    np.savez(tmp_path / "f.npz", np.zeros((2, 4, 4, 3), np.float32))
+    with pytest.raises(ArtifactError, match="must be uint8"):
+        fid.open_samples(tmp_path / "f.npz")
+    s = fid.open_samples(tmp_path / "d" / "samples.npz")
+    assert s.labels is None and s.manifest is None and len(s.fingerprint) == 64
