@@ -8,7 +8,7 @@ import torch
 
 from models.encoder import FeatureEncoder, adm_center_crop, init_rae_dir, load_rae
 from pipeline import metrics
-from pipeline.manifest import ArtifactError, Manifest, write_manifest
+from pipeline.manifest import ArtifactError, Manifest, file_sha256, write_manifest
 from pipeline.runtime import Dist
 from pipeline.shards import ImageShards
 from stages import classifier, fid
@@ -163,3 +163,28 @@ def test_open_samples_errors(tmp_path):
         fid.open_samples(tmp_path / "f.npz")
     s = fid.open_samples(tmp_path / "d" / "samples.npz")
     assert s.labels is None and s.manifest is None and len(s.fingerprint) == 64
+
+
+@pytest.mark.slow
+def test_inception_metrics_end_to_end_with_random_weights(images_artifact, samples_dir, tmp_path):
+    from test_metrics_inception import write_random_inception_weights
+
+    weights = write_random_inception_weights(tmp_path / "inception.pth", seed=3)
+    x, _ = _in_memory(images_artifact, "val")
+    pool, logits = metrics.inception_features(metrics.load_inception(weights), x)
+    ref_dir = tmp_path / "ref"
+    fid.run_ref(fid.RefConfig(images=images_artifact, out=ref_dir, split="val", inception_weights=weights,
+                              block_size=4, download=False, device="cpu"), dist=Dist())
+    st = metrics.feature_stats(pool)
+    np.savez(tmp_path / "adm.npz", x, mu=st.mu, sigma=st.sigma)
+    for name, ref in (("art", ref_dir), ("adm", tmp_path / "adm.npz")):
+        m = fid.run(fid.Config(samples=samples_dir, reference=ref, out=tmp_path / name, inception_weights=weights,
+                               block_size=4, download=False, device="cpu"), dist=Dist())
+        got = m.extra["metrics"]
+        assert abs(got["fid"]["value"]) < 1e-6 * np.trace(st.sigma)  # the samples are the reference images
+        assert got["precision"]["value"] == 1.0 and got["recall"]["value"] == 1.0
+        assert got["inception_score"]["value"] == pytest.approx(metrics.inception_score(logits)[0], rel=1e-5)
+        assert m.extra["protocol"]["inception"]["sha256"] == file_sha256(weights)
+    with np.load(ref_dir / fid.REFERENCE) as z:
+        np.testing.assert_allclose(z["pool.mu"], st.mu, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(z["pool.sigma"], st.sigma, rtol=1e-4, atol=1e-8)
