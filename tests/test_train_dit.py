@@ -15,13 +15,13 @@ from stages import train_dit
 N, T, F, CLASSES = 24, 8, 16, 3
 
 
-def make_latents(root, seed: int = 0, scale: float = 2.0):
+def make_latents(root, seed: int = 0, scale: float = 2.0, shape: tuple[int, int] = (T, F)):
     """A complete latents artifact: class-dependent means, per-(token, channel) offsets and scale."""
     rng = np.random.default_rng(seed)
     label = np.arange(N) % CLASSES
-    mu = (rng.normal(size=(N, T, F)) + label[:, None, None] + 0.5) * scale
+    mu = (rng.normal(size=(N, *shape)) + label[:, None, None] + 0.5) * scale
     path = root / latents_store.STORE
-    latents_store.create_latents(path, N, T, F, chunk=8, attrs={"test": True})
+    latents_store.create_latents(path, N, *shape, chunk=8, attrs={"test": True})
     latents_store.write_rows(path, 0, mu, label, np.arange(N) // 2, np.arange(N) % 2,
                              np.array([f"train_{i:08d}" for i in range(N)]))
     latents_store.finalize_stats(path)
@@ -187,3 +187,26 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(latents, tmp_path,
 def test_missing_latents_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="flatdino latents"):
         train_dit.run(config(tmp_path / "nothing", tmp_path / "out"))
+
+
+@pytest.mark.slow
+def test_sample_grid_through_flatdino_and_pixel_decoder(encoder_dir, tmp_path):
+    """Periodic grids decode EMA samples with a FlatDINO decoder and the RAE pixel decoder (random weights)."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from models import flatdino
+
+    vae_cfg = flatdino.PRESETS["demo"]
+    vae_dir = tmp_path / "vae"
+    vae_dir.mkdir()
+    save_file(flatdino.FlatDINO(vae_cfg).state_dict(), str(vae_dir / "model.safetensors"))
+    (vae_dir / "config.json").write_text(json.dumps({"model": flatdino.config_to_json(vae_cfg)}))
+    lat = tmp_path / "lat"
+    lat.mkdir()
+    make_latents(lat, shape=vae_cfg.latent_shape)
+    out = tmp_path / "grid"
+    train_dit.run(config(lat, out, steps=1, sample_every=1, flatdino=vae_dir, rae=encoder_dir))
+    (png,) = (out / "samples").iterdir()
+    img = np.asarray(Image.open(png))
+    assert img.shape == (CLASSES * 256, 4 * 256, 3) and img.std() > 0
