@@ -521,6 +521,7 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
         classes = _classes(ex, ref, labels)
         report = {"metrics": compute_metrics(sg, ref, rg, ex, labels, classes, device),
                   "protocol": protocol(samples, ref, ex, classes)}
+        report["summary"] = summary_line(report)
         atomic_write_json(od.path / METRICS, report)
         return od.finish(Manifest(
             stage="fid", complete=True, versions=environment(), extra=report,
@@ -537,8 +538,13 @@ def _fmt(entry: dict, digits: int = 4) -> str:
 
 
 def summary(m: Manifest) -> str:
+    """The one-line summary of a finished fid artifact."""
+    return m.extra["summary"]
+
+
+def summary_line(report: dict) -> str:
     """One line: every metric (n/a when unavailable), sample count and reference."""
-    x, p = m.extra["metrics"], m.extra["protocol"]
+    x, p = report["metrics"], report["protocol"]
     return (f"fid: FID {_fmt(x['fid'])} | IS {_fmt(x['inception_score'], 2)} | precision {_fmt(x['precision'], 3)} "
             f"recall {_fmt(x['recall'], 3)} | FD-DINOv2(cls) {_fmt(x['fd_dinov2'])} | class-consistency "
             f"{_fmt(x['class_consistency'], 3)} | {p['num_samples']} samples vs {p['reference']['kind']} "

@@ -117,6 +117,7 @@ def test_fid_end_to_end_without_inception(reference, samples_dir, images_artifac
     assert proto["num_samples"] == len(x) and proto["reference"]["kind"] == "fid_ref"
     assert sum(proto["class_counts"].values()) == len(x)
     line = fid.summary(m)
+    assert report["summary"] == line
     assert "FID n/a" in line and f"FD-DINOv2(cls) {expected:.4f}" in line
     assert fid.run(cfg, dist=Dist()).fingerprint == m.fingerprint  # re-run: no-op
 
