@@ -94,6 +94,20 @@ class LatentData(NamedTuple):
     fingerprint: str
 
 
+@dataclass
+class RunContext:
+    """Per-run objects derived from the config and the launcher."""
+
+    accelerator: object  # accelerate.Accelerator
+    dist: Dist
+    micro: int  # per-process micro-batch
+    kappa: float
+    null: int  # null-class label
+    precision: str  # "fp32" | "bf16"
+    dit: DiTConfig
+    decoders: tuple | None = None  # (FlatDINO, PixelDecoder) for sample grids, loaded on first use
+
+
 class TrainState(NamedTuple):
     model: torch.nn.Module  # possibly wrapped for DDP by accelerate
     ema: DiT
@@ -174,9 +188,9 @@ class StepStats(NamedTuple):
     grad_norm: float
 
 
-def train_step(state: TrainState, data: LatentData, cfg: Config, step: int, ctx: dict) -> StepStats:
+def train_step(state: TrainState, data: LatentData, cfg: Config, step: int, ctx: RunContext) -> StepStats:
     """One optimizer step over the global batch of `step` (this process's micro-batches), then EMA."""
-    acc, dist, m, kappa, null = ctx["accelerator"], ctx["dist"], ctx["micro"], ctx["kappa"], ctx["null"]
+    acc, dist, m, kappa, null = ctx.accelerator, ctx.dist, ctx.micro, ctx.kappa, ctx.null
     idx = batch_indices(len(data.z), cfg.global_batch, step, cfg.seed)
     # the whole global batch's draws, on CPU from one generator: independent of micro-batching and world size
     z_all, y_all = data.z[idx], data.y[idx]
@@ -189,7 +203,7 @@ def train_step(state: TrainState, data: LatentData, cfg: Config, step: int, ctx:
         d = type(d_all)(*(v[sl].to(acc.device) for v in d_all))
         sync = contextlib.nullcontext() if k == len(mine) - 1 else acc.no_sync(state.model)
         with sync:  # gradients are all-reduced only in the backward of the last micro-batch
-            with autocast(ctx["precision"], acc.device):
+            with autocast(ctx.precision, acc.device):
                 out = flow_loss(state.model, z, d)
             acc.backward(out.loss * (m * dist.world / cfg.global_batch))  # sums to the global-batch mean
         losses.append(out.per_sample.cpu())
@@ -307,20 +321,20 @@ def plot_loss(history: list, path: Path) -> None:
     os.replace(path.with_suffix(".tmp.png"), path)
 
 
-def sample_grid(ema: DiT, cfg: Config, data: LatentData, ctx: dict, step: int, writer) -> None:
+def sample_grid(ema: DiT, cfg: Config, data: LatentData, ctx: RunContext, step: int, writer) -> None:
     """Decode 8 classes x 4 EMA samples through FlatDINO and the pixel decoder; PNG + TensorBoard image."""
     from models.encoder import PixelDecoder, load_rae
     from models.flatdino import load_weights
     from models.flow import class_balanced_labels, sample, sample_noise
     from PIL import Image
 
-    device = ctx["accelerator"].device
-    if "decoders" not in ctx:
-        ctx["decoders"] = (load_weights(cfg.flatdino, device)[0], PixelDecoder(load_rae(cfg.rae)).to(device).eval())
-    vae, pixels = ctx["decoders"]
+    device = ctx.accelerator.device
+    if ctx.decoders is None:
+        ctx.decoders = (load_weights(cfg.flatdino, device)[0], PixelDecoder(load_rae(cfg.rae)).to(device).eval())
+    vae, pixels = ctx.decoders
     labels = class_balanced_labels(min(8, data.num_classes), 4).to(device)
     noise = sample_noise(cfg.seed, range(len(labels)), tuple(data.z.shape[1:])).to(device)
-    z = sample(ema, labels, noise, steps=50, cfg_scale=1.0, kappa=ctx["kappa"])
+    z = sample(ema, labels, noise, steps=50, cfg_scale=1.0, kappa=ctx.kappa)
     if cfg.normalise:
         z = (z.double() * data.std.to(device) + data.mean.to(device)).float()
     with torch.no_grad():
@@ -346,14 +360,14 @@ def setup(cfg: Config, data: LatentData):
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # EMA starts as a copy (SPEC 7.3)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=BETAS, eps=ADAM_EPS, weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
-    ctx = {"accelerator": acc, "dist": dist, "micro": micro_size(cfg, dist), "kappa": resolved_kappa(cfg, dit),
-           "null": dit.null_class, "precision": resolve_precision(cfg.precision, acc.device), "dit": dit}
+    ctx = RunContext(acc, dist, micro_size(cfg, dist), resolved_kappa(cfg, dit), dit.null_class,
+                     resolve_precision(cfg.precision, acc.device), dit)
     return TrainState(model, ema, opt), ctx
 
 
-def save(cfg: Config, state: TrainState, ctx: dict, data: LatentData, step: int, history: list) -> Path:
-    ckpt = save_checkpoint(cfg.out, state, checkpoint_config(cfg, ctx["dit"], data, step), history,
-                           ctx["accelerator"], cfg.keep)
+def save(cfg: Config, state: TrainState, ctx: RunContext, data: LatentData, step: int, history: list) -> Path:
+    ckpt = save_checkpoint(cfg.out, state, checkpoint_config(cfg, ctx.dit, data, step), history,
+                           ctx.accelerator, cfg.keep)
     save_file({"mean": data.mean.contiguous(), "std": data.std.contiguous()}, str(ckpt / "latent_stats.safetensors"))
     return ckpt
 
@@ -367,7 +381,7 @@ def run(cfg: Config) -> Manifest:
             return od.manifest
         data = load_data(cfg)
         state, ctx = setup(cfg, data)
-        acc, dist = ctx["accelerator"], ctx["dist"]
+        acc, dist = ctx.accelerator, ctx.dist
         start, history = load_checkpoint(cfg.out, state, acc)
         if start:
             log.info("resuming from step %d", start)
@@ -412,7 +426,7 @@ def _writer(cfg: Config, dist: Dist):
     return SummaryWriter(str(cfg.out / "tb"))
 
 
-def _manifest(cfg: Config, ctx: dict, data: LatentData, history: list, seconds: float) -> Manifest:
+def _manifest(cfg: Config, ctx: RunContext, data: LatentData, history: list, seconds: float) -> Manifest:
     from pipeline.manifest import file_sha256
 
     ema_sha = file_sha256(cfg.out / "ckpt" / "ema.safetensors")
@@ -421,9 +435,9 @@ def _manifest(cfg: Config, ctx: dict, data: LatentData, history: list, seconds: 
                     models={"ema": {"path": "ckpt/ema.safetensors", "sha256": ema_sha}},
                     shards=[{"name": "ckpt/ema.safetensors", "sha256": ema_sha}],
                     counts={"written": cfg.steps, "skipped": 0, "failed": 0},
-                    extra={"kappa": ctx["kappa"], "normalise": cfg.normalise, "step": cfg.steps,
-                           "dit": config_to_dict(ctx["dit"]), "final_loss": history[-1][1] if history else None,
-                           "precision": ctx["precision"], "world_size": ctx["dist"].world},
+                    extra={"kappa": ctx.kappa, "normalise": cfg.normalise, "step": cfg.steps,
+                           "dit": config_to_dict(ctx.dit), "final_loss": history[-1][1] if history else None,
+                           "precision": ctx.precision, "world_size": ctx.dist.world},
                     versions=environment(), timings={"train_seconds_this_run": seconds}, complete=True)
 
 
