@@ -131,10 +131,24 @@ def resolve(cfg: Config) -> Config:
 # ----------------------------------------------------------------------------------------------------------- LPIPS
 
 
+VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)  # up to relu5_3
 VGG_TAPS = (3, 8, 15, 22, 29)  # ReLU outputs relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16
 VGG_CHANNELS = (64, 128, 256, 512, 512)
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # LPIPS ScalingLayer constants (inputs in [-1, 1])
 LPIPS_SCALE = (0.458, 0.448, 0.450)
+
+
+def vgg16_features() -> nn.Sequential:
+    """torchvision's `vgg16().features` up to relu5_3, same module indices (so its `features.{i}.*` keys load)."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for v in VGG16_LAYERS:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(channels, v, 3, padding=1), nn.ReLU(inplace=False)]
+            channels = v
+    return nn.Sequential(*layers)
 
 
 def lpips_state_from_files(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -158,9 +172,7 @@ class LPIPS(nn.Module):
 
     def __init__(self):
         super().__init__()
-        import torchvision
-
-        self.features = torchvision.models.vgg16(weights=None).features[: VGG_TAPS[-1] + 1]
+        self.features = vgg16_features()
         self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in VGG_CHANNELS)
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
@@ -351,7 +363,7 @@ class Trainer(NamedTuple):
     accelerator: object
 
 
-def make_trainer(cfg: Config, device: torch.device) -> Trainer:
+def make_trainer(cfg: Config, device: torch.device, lp: LPIPS | None) -> Trainer:
     import copy
 
     from accelerate import Accelerator
@@ -362,7 +374,6 @@ def make_trainer(cfg: Config, device: torch.device) -> Trainer:
     opt_ = torch.optim.AdamW(decoder.decoder.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                              weight_decay=cfg.weight_decay)
     accelerator = Accelerator(cpu=device.type == "cpu")
-    lp = maybe_lpips(cfg)
     return Trainer(rae, decoder, ema, opt_, lp.to(device) if lp is not None else None, accelerator)
 
 
@@ -504,6 +515,7 @@ def run(cfg: Config) -> Manifest:
     t0, cfg = time.time(), resolve(cfg)
     images, features = ImageShards(cfg.images), FeatureShards(cfg.features)
     encoder_fp = check_inputs(cfg, images, features)
+    lp = maybe_lpips(cfg)  # a missing/bad LPIPS file is refused before any work
     config = {**config_to_dict(cfg, semantic_only=True), "images": images.manifest.fingerprint,
               "features": features.manifest.fingerprint}
     if cfg.lpips_weights is not None:
@@ -513,7 +525,7 @@ def run(cfg: Config) -> Manifest:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest
         device = resolve_device(cfg.device)
-        tr = make_trainer(cfg, device)
+        tr = make_trainer(cfg, device, lp)
         train = PairData(images, features, "train", cfg.cache_mb << 20)
         val = PairData(images, features, "val" if features.num_samples("val") else "train", 256 << 20)
         model, tr_opt = tr.accelerator.prepare(tr.decoder, tr.optimizer)
