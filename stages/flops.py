@@ -7,8 +7,9 @@ MACs = FLOPs / 2, the "GFLOPs" convention of DiT-family papers. Element-wise ops
 not counted, as in those papers.
 
 Per training step (per image): the trainable DiT's forward + backward (counted by running backward on meta; a bit
-under 3x the forward because the inputs of `x_embedder` and of the time MLP need no gradient) plus one forward of each frozen network
-that computes latents online: DINOv2-B/14-reg at 224 px (both settings) and the FlatDINO encoder (FlatDINO only).
+under 3x the forward because the inputs of `x_embedder` and of the time MLP need no gradient) plus one forward of each
+frozen network that computes latents online: DINOv2-B/14-reg at 224 px (both settings) and the FlatDINO encoder
+(FlatDINO only).
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def flatdino_encoder_costs(preset: str, tokens: int, channels: int) -> dict:
     with META:
         model = _meta_safe_norms(flatdino.FlatDINO(cfg))
     f = torch.empty(1, cfg.num_patches, cfg.feature_dim, device=META)
-    return {"preset": preset, "params": params(model.encoder), "gmacs": count_macs(lambda v: model.encode(v).mu, f) / 1e9}
+    macs = count_macs(lambda v: model.encode(v).mu, f)
+    return {"preset": preset, "params": params(model.encoder), "gmacs": macs / 1e9}
 
 
 def run(cfg: Config) -> dict:

@@ -7,10 +7,11 @@ Departures and choices:
 - Latents are read from the cached `latents` artifact (both views: centre crop and flip), not recomputed online.
   The whole `mu` array is loaded into host memory (ImageNet, 2 views, 32x128 float32: about 42 GB).
 - Data order: one deterministic permutation of all rows per epoch (seed, epoch); the global batch of step s is the
-  contiguous slice [s G, (s + 1) G) of the concatenated epochs, cut into micro-batches; rank r of W takes micro-batches
-  r, r + W, ... Every random draw (noise, t, label dropout) of a global batch comes from one generator seeded by (seed, step),
-  so the data position and the RNG state are functions of the step: resume restores model, EMA, optimizer and step
-  and replays exactly (bitwise on CPU), and the draws do not depend on the world size.
+  contiguous slice [s G, (s + 1) G) of the concatenated epochs, cut into micro-batches; rank r of W takes
+  micro-batches r, r + W, ... Every random draw (noise, t, label dropout) of a global batch comes from one generator
+  seeded by (seed, step), so the data position and the RNG state are functions of the step: resume restores model,
+  EMA, optimizer and step and replays exactly (bitwise on CPU), and the draws do not depend on the world size or
+  the micro-batch.
 - Checkpoints: `<out>/checkpoints/<step>/` written to a temporary folder and renamed (atomic), last `keep` kept;
   `<out>/latest.json` (atomic) names the newest; resume reads it. At the end `<out>/ckpt/` holds the final
   inference checkpoint (model, EMA, config, latent stats) consumed by `sample` through `models.dit.load_dit`.
