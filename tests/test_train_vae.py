@@ -1,0 +1,171 @@
+"""`flatdino train-vae`: schedule plan, data order, world-size independence, exact resume, failure handling."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import stages.train_vae as tv
+from pipeline.manifest import ConfigMismatch, Manifest, OutputDir
+from pipeline.runtime import Dist
+from pipeline.shards import encode_int, encode_npy, write_tar_shard
+
+N_PATCH, DIM = 16, 24
+
+
+def make_features(root: Path, n_train: int = 40, n_val: int = 8, views: int = 2, seed: int = 0) -> Path:
+    """A complete tiny `features` artifact: per-token standardised random features with low-rank structure."""
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((4, N_PATCH, DIM))
+    records = []
+    with OutputDir(root, "features", {"fake": seed}) as od:
+        for split, n in (("train", n_train), ("val", n_val)):
+            samples = []
+            for i in range(n):
+                f = np.einsum("vk,knd->vnd", rng.standard_normal((views, 4)), basis)
+                f = (f - f.mean(-1, keepdims=True)) / f.std(-1, keepdims=True)
+                samples.append({"__key__": f"{split}_{i:08d}", "feat.npy": encode_npy(f.astype(np.float16)),
+                                "cls": encode_int(i % 3)})
+            rec = write_tar_shard(root / f"features-{split}-000000.tar", samples)
+            records.append({**rec, "split": split})
+        extra = {"views": views, "num_patches": N_PATCH, "dim": DIM, "classes": ["a", "b", "c"],
+                 "encoder": {"source": "fake", "fingerprint": f"enc{seed}"}, "splits": {"train": n_train, "val": n_val}}
+        od.finish(Manifest(stage="features", shards=records, extra=extra, complete=True))
+    return root
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> Path:
+    return make_features(tmp_path_factory.mktemp("feat"))
+
+
+def cfg_for(features: Path, out: Path, **kw) -> tv.Config:
+    base = dict(out=out, features=features, model="demo", variant="demo", epochs=2, global_batch=8, micro_batch=4,
+                lr_peak=2e-3, val_every=5, log_every=2, num_workers=1)
+    return tv.Config(**{**base, **kw})
+
+
+def test_plan_matches_official_step_counts():
+    """SPEC 5.2 derived table at batch 512 on ImageNet's 1,281,167 training images."""
+    cfg = tv.Config(out=Path("x"))
+    model = tv.PRESETS["32-bl-128"]
+    for variant, total, decay in (("fast", 125_113, 12_510), ("med", 250_227, 37_530), ("long", 375_341, 55_044),
+                                  ("ext", 750_683, 187_650)):
+        plan = tv.make_plan(replace(cfg, variant=variant), 1_281_167, model)
+        assert (plan.total, plan.warmup, plan.decay, plan.global_batch) == (total, 12_510, decay, 512)
+        assert plan.lr(0) == 1e-6 and plan.lr(12_510) == 1e-4 and plan.lr(total) == pytest.approx(1e-8)
+    assert plan.beta == pytest.approx(1.25e-7) and plan.val_every == 5 * 2502
+
+
+def test_rank_slices_cover_the_global_batch_in_order():
+    plan = tv.Plan(12, 1, 1, 0, 0, 1e-4, 1, 1, 0.0)
+    single = tv.rank_slices(plan, 5, Dist(0, 1))
+    assert [(s.start, s.stop) for s in single] == [(0, 5), (5, 10), (10, 12)]
+    two = tv.rank_slices(plan, 4, Dist(0, 2)) + tv.rank_slices(plan, 4, Dist(1, 2))
+    assert [i for s in two for i in range(s.start, s.stop)] == list(range(12))
+    with pytest.raises(tv.UserError, match="divisible"):
+        tv.rank_slices(plan, 4, Dist(0, 5))
+
+
+def test_stream_order_is_a_permutation_per_epoch():
+    order = tv.StreamOrder(seed=3, num_samples=10, views=2)
+    samples, views = order.lookup(range(0, 25))
+    assert sorted(samples[:10]) == list(range(10)) and sorted(samples[10:20]) == list(range(10))
+    assert not np.array_equal(samples[:10], samples[10:20]) and set(views) == {0, 1}
+    again, _ = tv.StreamOrder(3, 10, 2).lookup(range(17, 22))
+    assert np.array_equal(again, samples[17:22])
+
+
+def _grads(model, data, plan, cfg, dist):
+    model.zero_grad(set_to_none=True)
+    tv.local_gradients(model, data, plan, cfg, 3, dist, torch.device("cpu"), "fp32")
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_gradient_is_independent_of_world_size_and_micro_batch(features, tmp_path):
+    cfg = cfg_for(features, tmp_path)
+    data = tv.open_data(cfg)
+    model_cfg = tv.resolve_model(cfg, data.dim, data.num_patches)
+    plan = tv.make_plan(cfg, data.num_train, model_cfg)
+    model = tv.build_model(model_cfg, 0, "cpu")
+    single = _grads(model, data, plan, replace(cfg, micro_batch=8), Dist(0, 1))
+    r0, r1 = (_grads(model, data, plan, cfg, Dist(r, 2)) for r in (0, 1))
+    for name, g in single.items():
+        torch.testing.assert_close(r0[name] + r1[name], g, rtol=1e-4, atol=1e-7, msg=name)
+    assert any(g.abs().sum() > 0 for g in r1.values())
+
+
+def test_train_resume_bitwise_and_artifacts(features, tmp_path, monkeypatch):
+    full = tv.run(cfg_for(features, tmp_path / "full"))
+    assert full.complete and full.extra["last_step"] == 10 and full.extra["best_step"] in (5, 10)
+    real_step = tv.train_step
+
+    def crash_at_7(model, opt, data, plan, cfg, step, *a):
+        if step == 7:
+            raise KeyboardInterrupt("killed")
+        return real_step(model, opt, data, plan, cfg, step, *a)
+
+    monkeypatch.setattr(tv, "train_step", crash_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        tv.run(cfg_for(features, tmp_path / "resumed"))
+    monkeypatch.setattr(tv, "train_step", real_step)
+    assert json.loads((tmp_path / "resumed/state/trainer.json").read_text())["step"] == 5
+    resumed = tv.run(cfg_for(features, tmp_path / "resumed"))
+    for which in ("best", "last"):
+        a = load_file(tmp_path / "full" / which / "model.safetensors")
+        b = load_file(tmp_path / "resumed" / which / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), which
+    assert resumed.shards == full.shards and resumed.extra == full.extra  # same weights, best step and val losses
+    assert (tmp_path / "full/loss.png").read_bytes()[:4] == b"\x89PNG" and any((tmp_path / "full/tb").iterdir())
+    assert tv.run(cfg_for(features, tmp_path / "full")).fingerprint == full.fingerprint  # complete: no-op
+    with pytest.raises(ConfigMismatch):
+        tv.run(cfg_for(features, tmp_path / "full", seed=1))
+    model, model_cfg, manifest = tv.load_flatdino(tmp_path / "full")
+    assert model_cfg.feature_dim == DIM and manifest.extra["encoder"]["fingerprint"] == "enc0"
+
+
+def test_stop_after_budget_then_resume_matches(features, tmp_path):
+    """--max-steps-this-run stops resumably at any update, not only at checkpoints."""
+    full = tv.run(cfg_for(features, tmp_path / "a", epochs=1))
+    assert tv.run(cfg_for(features, tmp_path / "b", epochs=1, max_steps_this_run=3)) is None
+    assert tv.run(cfg_for(features, tmp_path / "b", epochs=1)).shards == full.shards
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(features, tmp_path, monkeypatch):
+    monkeypatch.setattr(tv, "kl_anneal", lambda step, n: float("nan") if step >= 6 else 1.0)
+    cfg = cfg_for(features, tmp_path, ckpt_every=5)
+    with pytest.raises(tv.NonFiniteLoss, match="update 6"):
+        tv.run(cfg)
+    last = json.loads((tmp_path / "last/config.json").read_text())
+    state = load_file(tmp_path / "state/model.safetensors")
+    weights = load_file(tmp_path / "last/model.safetensors")
+    assert last["step"] == 5 and all(torch.equal(state[k], weights[k]) for k in state)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_random_resized_crop_box_bounds():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        w, h = int(rng.integers(20, 400)), int(rng.integers(20, 400))
+        x0, y0, x1, y1 = tv.random_resized_crop_box(w, h, rng)
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        area = (x1 - x0) * (y1 - y0) / (w * h)
+        assert area >= 0.3 * 0.9 or (x1 - x0 == w or y1 - y0 == h)  # fallback crops span a full side
+
+
+def test_optimizer_state_round_trip():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors, meta = tv.optimizer_tensors(opt)
+    restored = tv.optimizer_state_dict(tensors, json.loads(json.dumps(meta)))
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    fresh.load_state_dict(restored)
+    a, b = opt.state_dict(), fresh.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
