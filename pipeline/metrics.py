@@ -196,26 +196,6 @@ def precision_recall(
     return PrecisionRecall(float(precision), float(recall))
 
 
-def load_adm_reference(path: str | Path) -> dict[str, np.ndarray]:
-    """Read an ADM reference batch (e.g. `VIRTUAL_imagenet256_labeled.npz`).
-
-    Returns a dict with `images` (N, H, W, 3) uint8 when present (`arr_0`), `mu`/`sigma` (pool_3 statistics) when
-    present, and `labels` when the batch is labeled (`arr_1`).
-    """
-    with np.load(path, allow_pickle=False) as z:
-        out = {}
-        if "arr_0" in z.files:
-            out["images"] = z["arr_0"]
-        if "arr_1" in z.files:
-            out["labels"] = z["arr_1"]
-        for name in ("mu", "sigma"):
-            if name in z.files:
-                out[name] = z[name].astype(np.float64)
-    if "images" not in out and "mu" not in out:
-        raise ValueError(f"{path}: neither images (arr_0) nor Inception statistics (mu/sigma); not an ADM batch")
-    return out
-
-
 def inception_cache_path() -> Path:
     """Where torch-fidelity (torch.hub) caches the `inception-v3-compat` weights."""
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]

@@ -189,3 +189,22 @@ def test_inception_metrics_end_to_end_with_random_weights(images_artifact, sampl
     with np.load(ref_dir / fid.REFERENCE) as z:
         np.testing.assert_allclose(z["pool.mu"], st.mu, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(z["pool.sigma"], st.sigma, rtol=1e-4, atol=1e-8)
+
+
+def test_open_reference_reads_the_adm_batch_layout(tmp_path):
+    rng = np.random.default_rng(8)
+    imgs = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    mu, sigma = rng.standard_normal(6).astype(np.float32), np.eye(6, dtype=np.float32)
+    np.savez(tmp_path / "ref.npz", imgs, np.arange(4), mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma)  # ADM keys
+    ref = fid.open_reference(tmp_path / "ref.npz")
+    assert ref.kind == "adm" and ref.num_images == 4 and isinstance(ref.images, np.memmap)
+    np.testing.assert_array_equal(ref.images, imgs)
+    assert ref.stats["pool"].mu.dtype == np.float64 and np.array_equal(ref.stats["pool"].mu, mu.astype(np.float64))
+    np.savez(tmp_path / "stats_only.npz", mu=mu, sigma=sigma)
+    assert fid.open_reference(tmp_path / "stats_only.npz").images is None
+    np.savez(tmp_path / "bad.npz", foo=mu)
+    with pytest.raises(ArtifactError, match="not an ADM reference batch"):
+        fid.open_reference(tmp_path / "bad.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ArtifactError, match="not a readable .npz"):
+        fid.open_reference(tmp_path / "junk.npz")

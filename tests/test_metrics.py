@@ -122,17 +122,3 @@ def test_inception_score_matches_torch_fidelity_and_limits():
     assert uniform[0] == pytest.approx(1.0) and uniform[1] == 0.0
     confident = np.repeat(np.eye(5) * 1e3, 4, axis=0)  # balanced, certain predictions -> IS = #classes
     assert metrics.inception_score(confident)[0] == pytest.approx(5.0, rel=1e-9)
-
-
-def test_load_adm_reference(tmp_path):
-    rng = np.random.default_rng(8)
-    imgs = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
-    mu, sigma = rng.standard_normal(6).astype(np.float32), np.eye(6, dtype=np.float32)
-    np.savez(tmp_path / "ref.npz", imgs, np.arange(4), mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma)
-    ref = metrics.load_adm_reference(tmp_path / "ref.npz")
-    np.testing.assert_array_equal(ref["images"], imgs)
-    np.testing.assert_array_equal(ref["labels"], np.arange(4))
-    assert ref["mu"].dtype == np.float64 and np.array_equal(ref["mu"], mu.astype(np.float64))
-    np.savez(tmp_path / "bad.npz", foo=mu)
-    with pytest.raises(ValueError, match="not an ADM batch"):
-        metrics.load_adm_reference(tmp_path / "bad.npz")
