@@ -214,10 +214,22 @@ def write_chunk(out: Path, chain: Chain, cfg: Config, spec, labels: torch.Tensor
             "start": spec.start, "stop": spec.stop}
 
 
-def grid_rows(images: np.ndarray, labels: np.ndarray, num_classes: int, classes: int, columns: int) -> list[np.ndarray]:
-    """One row per shown class (evenly spaced subset when there are more than `classes`), first `columns` samples."""
+def grid_indices(num_classes: int, per_class: int, classes: int, columns: int) -> list[list[int]]:
+    """Global sample indices of the grid: one row per shown class (evenly spaced subset), its first `columns` samples."""
     shown = np.unique(np.linspace(0, num_classes - 1, min(classes, num_classes)).round().astype(int))
-    return [images[np.flatnonzero(labels == c)[:columns]] for c in shown]
+    return [[int(c) * per_class + j for j in range(min(columns, per_class))] for c in shown]
+
+
+def rows_from_chunks(out: Path, records: list[dict], indices: list[int], key: str = "arr_0") -> np.ndarray:
+    """Rows `indices` of the chunked output (reading only the chunks that hold them), in the order asked."""
+    found: dict[int, np.ndarray] = {}
+    for rec in records:
+        wanted = [i for i in indices if rec["start"] <= i < rec["stop"]]
+        if wanted:
+            with np.load(out / rec["name"]) as z:
+                arr = z[key]
+                found.update({i: arr[i - rec["start"]] for i in wanted})
+    return np.stack([found[i] for i in indices])
 
 
 def assemble(out: Path, records: list[dict], n: int) -> dict:
@@ -272,9 +284,8 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
             return None
         records = [committed[chunk_name(s.index)] for s in plan]
         final = assemble(od.path, records, n)
-        with np.load(od.path / SAMPLES) as z:
-            rows = grid_rows(z["arr_0"], z["arr_1"], chain.num_classes, cfg.grid_classes, cfg.grid_columns)
-        save_grid(od.path / GRID, rows, size=GRID_IMAGE_SIZE)
+        shown = grid_indices(chain.num_classes, cfg.per_class, cfg.grid_classes, cfg.grid_columns)
+        save_grid(od.path / GRID, [rows_from_chunks(od.path, records, r) for r in shown], size=GRID_IMAGE_SIZE)
         seconds = time.time() - t0
         manifest = Manifest(
             stage=STAGE, shards=[*records, final], models=chain.models, inputs=chain.inputs, versions=environment(),

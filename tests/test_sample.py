@@ -223,10 +223,13 @@ def test_streaming_npz_equals_np_savez(tmp_path):
     assert not (tmp_path / "bad.npz").exists()
 
 
-def test_grid_rows_pick_evenly_spaced_classes():
-    labels = np.repeat(np.arange(100), 3)
-    images = np.zeros((300, 2, 2, 3), np.uint8)
-    images[:, 0, 0, 0] = labels
-    rows = sm.grid_rows(images, labels, 100, classes=4, columns=2)
-    assert [int(r[0, 0, 0, 0]) for r in rows] == [0, 33, 66, 99]
-    assert all(len(r) == 2 for r in rows)
+def test_grid_indices_pick_evenly_spaced_classes():
+    rows = sm.grid_indices(100, per_class=3, classes=4, columns=2)
+    assert rows == [[0, 1], [99, 100], [198, 199], [297, 298]]  # classes 0, 33, 66, 99
+    assert sm.grid_indices(2, per_class=1, classes=10, columns=4) == [[0], [1]]
+
+
+def test_rows_from_chunks_reads_across_chunk_boundaries(reference):
+    records = [s for s in read_manifest(reference).shards if s["name"].startswith("chunk-")]
+    with np.load(reference / sm.SAMPLES) as z:
+        np.testing.assert_array_equal(sm.rows_from_chunks(reference, records, [5, 0, 3, 4]), z["arr_0"][[5, 0, 3, 4]])
