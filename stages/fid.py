@@ -4,9 +4,10 @@ Protocol (SPEC.md 9, 13.15): images are uint8 256x256 (shards go through the ADM
 reconstructions already are); torch-fidelity's `inception-v3-compat` resizes them to 299 itself and gives pool_3
 (FID, precision/recall with k = 3) and the unbiased logits (IS in splits of 5,000); our frozen DINOv2 encoder gives
 the CLS token (FD-DINOv2, the headline) and the mean patch token. Fréchet distances are float64 (pipeline.metrics).
-The reference is either ADM's `VIRTUAL_imagenet256_labeled.npz` (its mu/sigma for FID, its images for precision/
-recall and FD-DINOv2) or a `fid-ref` artifact. rFID is `fid` on `flatdino reconstruct`'s npz against `fid-ref
---split val`. gFID against training-set statistics is the ADM convention, hence `--split train` by default.
+The reference is ADM's `VIRTUAL_imagenet256_labeled.npz` (its mu/sigma for FID, its images for precision/recall
+and FD-DINOv2), any ADM-format image npz, or a `fid-ref` artifact. rFID is `fid` on `flatdino reconstruct`'s
+flatdino.npz against its originals.npz (or `fid-ref --split val`). gFID against training-set statistics is the ADM
+convention, hence `fid-ref --split train` by default.
 
 Work is split into blocks of global sample indices (rank r takes blocks r::W); each block stores the moments of
 every feature space plus the raw features that later steps need, and the main process merges blocks in index
@@ -17,7 +18,6 @@ order, so every number is identical whatever the number of processes. Metrics wh
 from __future__ import annotations
 
 import io
-import json
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -31,7 +31,7 @@ from models.encoder import FeatureEncoder, adm_center_crop, load_rae
 from pipeline import metrics
 from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, atomic_write_json,
-                               file_sha256, json_sha256, read_manifest, require_complete)
+                               file_sha256, read_manifest, require_complete)
 from pipeline.runtime import Dist, barrier, current_dist, environment, get_logger, progress, resolve_device
 from pipeline.shards import ImageShards, ShardSpec, for_rank, plan_shards
 from stages.classifier import DigitClassifier, load_classifier
@@ -40,7 +40,7 @@ log = get_logger(__name__)
 
 REFERENCE = "reference.npz"
 METRICS = "metrics.json"
-SAMPLE_NAMES = ("samples.npz", "reconstructions.npz")  # what `sample` and `reconstruct` write
+SAMPLE_NAMES = ("samples.npz",)  # what `sample` writes; `reconstruct`'s npz files are passed by path
 MOMENT_SPACES = ("pool", "dino_cls", "dino_patch_mean")  # feature spaces with Fréchet statistics
 DINO_SPACES = {"dino_cls": "fd_dinov2", "dino_patch_mean": "fd_dinov2_patch_mean"}
 
@@ -70,8 +70,12 @@ class RefConfig:
 
 @dataclass(frozen=True)
 class Config:
-    samples: Path = field(metadata=opt(f"samples: an ADM-format .npz, or a directory holding one of {SAMPLE_NAMES}"))
-    reference: Path = field(metadata=opt("ADM reference batch .npz (VIRTUAL_imagenet256_labeled.npz) or a fid-ref dir"))
+    samples: Path = field(metadata=opt(
+        "an ADM-format .npz (arr_0 uint8 NHWC, arr_1 labels) or a `flatdino sample` directory; for rFID, "
+        "`flatdino reconstruct`'s flatdino.npz (or rae.npz)"))
+    reference: Path = field(metadata=opt(
+        "ADM reference batch .npz (VIRTUAL_imagenet256_labeled.npz), any ADM-format image npz (rFID: reconstruct's "
+        "originals.npz), or a fid-ref directory"))
     out: Path = field(metadata=opt("output directory for metrics.json, e.g. shards/fid/demo"))
     encoder: str | None = field(default=None, metadata=opt("RAE directory for FD-DINOv2 (must match the reference's)"))
     classifier: Path | None = field(default=None, metadata=opt("train-classifier artifact: adds class_consistency"))
@@ -466,8 +470,10 @@ def compute_metrics(sg: Gathered, ref: Reference, rg: Gathered | None, ex: Extra
 
 def protocol(samples: Samples, ref: Reference, ex: Extractors, classes: list[str]) -> dict:
     """Everything needed to trace a number: sample set, class balance, reference, sampler, networks."""
-    counts = {} if samples.labels is None else {
-        classes[c] if c < len(classes) else str(c): int(k) for c, k in zip(*np.unique(samples.labels, return_counts=True))}
+    counts = {}
+    if samples.labels is not None:
+        for c, k in zip(*np.unique(samples.labels, return_counts=True)):
+            counts[classes[c] if c < len(classes) else str(c)] = int(k)
     m = samples.manifest
     return {
         "num_samples": int(len(samples.images)), "image_shape": list(samples.images.shape[1:]),
@@ -497,7 +503,8 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
     ex = load_extractors(cfg.inception_weights, cfg.download, cfg.encoder, cfg.classifier, device)
     check_compatible(ref, ex)
     config = {**config_to_dict(cfg, semantic_only=True), "samples": samples.fingerprint, "reference": ref.fingerprint,
-              "inception": _available(ex.inception_info, "sha256"), "encoder": _available(ex.encoder_info, "fingerprint"),
+              "inception": _available(ex.inception_info, "sha256"),
+              "encoder": _available(ex.encoder_info, "fingerprint"),
               "classifier": _available(ex.classifier_info, "fingerprint")}
     with OutputDir(cfg.out, "fid", config, overwrite=cfg.overwrite and dist.is_main, lock=dist.is_main) as od:
         if od.done:

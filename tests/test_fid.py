@@ -156,9 +156,9 @@ def test_npz_array_memmaps_stored_and_reads_compressed(tmp_path):
 def test_open_samples_errors(tmp_path):
     (tmp_path / "d").mkdir()
     np.savez(tmp_path / "d" / "samples.npz", np.zeros((2, 4, 4, 3), np.uint8))
-    np.savez(tmp_path / "d" / "reconstructions.npz", np.zeros((2, 4, 4, 3), np.uint8))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ArtifactError, match="expected exactly one of"):
-        fid.open_samples(tmp_path / "d")
+        fid.open_samples(tmp_path / "empty")
     np.savez(tmp_path / "f.npz", np.zeros((2, 4, 4, 3), np.float32))
     with pytest.raises(ArtifactError, match="must be uint8"):
         fid.open_samples(tmp_path / "f.npz")

@@ -85,7 +85,8 @@ def test_fid_and_is_match_torch_fidelity_on_the_same_weights(inception_weights):
     ours_is = metrics.inception_score(la)[0]
     ref = torch_fidelity.calculate_metrics(
         input1=_TensorSet(a), input2=_TensorSet(b), fid=True, isc=True, isc_splits=1, samples_shuffle=False,
-        feature_extractor_weights_path=str(inception_weights), cache=False, verbose=False, cuda=False, save_cpu_ram=True,
+        feature_extractor_weights_path=str(inception_weights), cache=False, verbose=False, cuda=False,
+        save_cpu_ram=True,
     )
     assert ours_fid > 0
     assert ours_fid == pytest.approx(ref["frechet_inception_distance"], rel=1e-4)
