@@ -56,7 +56,8 @@ class Config:
     cfg_interval: tuple[float, float] = field(default=(0.3, 1.0), metadata=opt(
         "guide only while t_min < t < t_max (t = 0 noise, t = 1 data); (0.3, 1.0) = the official ADM-export default"))
     seed: int = field(default=0, metadata=opt("noise seed; sample i depends only on (seed, i)"))
-    vae_weights: Literal["best", "last"] = field(default="best", metadata=opt("which FlatDINO checkpoint"))
+    vae_weights: Literal["best", "last"] | None = field(default=None, metadata=opt(
+        "FlatDINO checkpoint (default: the one that made the DiT's latents; another one is refused)"))
     latents: Path | None = field(default=None, metadata=opt(
         "latents artifact the DiT was trained on (default: the path recorded in the DiT manifest)"))
     chunk_size: int = field(default=500, metadata=opt("samples per committed chunk (the unit of resume)"))
@@ -133,11 +134,16 @@ def _write_npz_members(tmp: Path, names_shapes: dict, parts: list) -> None:
 # ------------------------------------------------------------------------------------------ loading and checking
 
 
-def _vae_fingerprint_of_latents(latents: Manifest, path: Path) -> str:
+def _vae_of_latents(latents: Manifest, path: Path, asked: str | None) -> tuple[str, str]:
+    """(fingerprint, weights) of the VAE run that made the latents; refuses another checkpoint than asked."""
     if "vae" not in latents.inputs:
         raise ArtifactError(f"{path}: the latents manifest does not record the VAE it was made with (inputs.vae); "
                             f"re-run `flatdino latents`")
-    return latents.inputs["vae"]["fingerprint"]
+    rec = latents.inputs["vae"]
+    if asked is not None and asked != rec["weights"]:
+        raise ArtifactError(f"the DiT's latents were made with the {rec['weights']!r} FlatDINO checkpoint, not "
+                            f"{asked!r}; drop --vae-weights or pass --vae-weights {rec['weights']}")
+    return rec["fingerprint"], rec["weights"]
 
 
 def load_chain(cfg: Config, device: torch.device) -> Chain:
@@ -152,8 +158,8 @@ def load_chain(cfg: Config, device: torch.device) -> Chain:
     if lat_m.fingerprint != full["latents_fingerprint"]:
         raise ArtifactError(f"{cfg.dit} was trained on latents {full['latents_fingerprint'][:12]}, but {lat_path} is "
                             f"{lat_m.fingerprint[:12]}; pass the DiT's latents with --latents")
-    vae, vae_cfg, vae_m = load_flatdino(cfg.vae, cfg.vae_weights, device)
-    want_vae = _vae_fingerprint_of_latents(lat_m, lat_path)
+    want_vae, weights = _vae_of_latents(lat_m, lat_path, cfg.vae_weights)
+    vae, vae_cfg, vae_m = load_flatdino(cfg.vae, weights, device)
     if vae_m.fingerprint != want_vae:
         raise ArtifactError(f"the DiT's latents were made by VAE {want_vae[:12]}, but --vae {cfg.vae} is "
                             f"{vae_m.fingerprint[:12]}; pass the VAE that made {lat_path}")
@@ -170,7 +176,8 @@ def load_chain(cfg: Config, device: torch.device) -> Chain:
         mean, std = torch.from_numpy(art.mean).to(device), torch.from_numpy(art.std).to(device)
     models = {"dit": {"path": str(cfg.dit), "sha256": dit_m.models["ema"]["sha256"], "fingerprint": dit_m.fingerprint,
                       "weights": "ema"},
-              "vae": {"path": str(cfg.vae), "fingerprint": vae_m.fingerprint, "weights": cfg.vae_weights},
+              "vae": {"path": str(cfg.vae), "fingerprint": vae_m.fingerprint, "weights": weights,
+                      "sha256": vae_m.models[weights]["sha256"]},
               "decoder": {"source": str(cfg.decoder), "fingerprint": decoder.fingerprint, "encoder_fingerprint": enc_fp}}
     inputs = {"latents": {"path": str(lat_path), "fingerprint": lat_m.fingerprint}}
     return Chain(dit.to(device), vae.to(device).eval(), decoder, float(full["flow"]["kappa"]), mean, std,
@@ -246,7 +253,7 @@ def protocol(cfg: Config, chain: Chain, n: int) -> dict:
     return {"sampler": cfg.sampler, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale,
             "cfg_interval": list(cfg.cfg_interval), "per_class": cfg.per_class, "num_classes": chain.num_classes,
             "num_samples": n, "seed": cfg.seed, "kappa": chain.kappa, "normalised": chain.mean is not None,
-            "ema": True, "precision": cfg.precision, "vae_weights": cfg.vae_weights,
+            "ema": True, "precision": cfg.precision, "vae_weights": chain.models["vae"]["weights"],
             "noise": "per-sample generator seeded by (seed, global index); class-major order",
             "convention": "t=0 noise, t=1 data; CFG v_u + w (v_c - v_u) on all channels while t_min < t < t_max"}
 

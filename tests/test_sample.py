@@ -64,7 +64,8 @@ def make_latents(root: Path, vae: Path) -> Path:
                              np.array([f"train_{i:08d}" for i in range(N_LATENTS)]))
     latents_store.finalize_stats(path)
     vae_fp = read_manifest(vae).fingerprint
-    write_manifest(root, Manifest(stage="latents", complete=True, inputs={"vae": {"path": str(vae), "fingerprint": vae_fp}},
+    write_manifest(root, Manifest(stage="latents", complete=True,
+                                  inputs={"vae": {"path": str(vae), "fingerprint": vae_fp, "weights": "best"}},
                                   extra={"classes": CLASSES}))
     return root
 
@@ -191,6 +192,11 @@ def test_refuses_a_vae_that_did_not_make_the_latents(chain_dirs, tmp_path, encod
     other = make_vae(tmp_path / "vae2", encoder_dir, seed=1)
     with pytest.raises(ArtifactError, match="pass the VAE that made"):
         sm.run(replace(_cfg(chain_dirs, tmp_path / "s"), vae=other), dist=Dist())
+
+
+def test_refuses_another_vae_checkpoint_than_the_latents(chain_dirs, tmp_path):
+    with pytest.raises(ArtifactError, match="drop --vae-weights"):
+        sm.run(replace(_cfg(chain_dirs, tmp_path / "s"), vae_weights="last"), dist=Dist())
 
 
 def test_refuses_a_decoder_of_another_encoder(chain_dirs, tmp_path):
