@@ -182,21 +182,25 @@ def execute(spec: dict) -> dict:
                 "message": str(e), "calls": inj.calls, "traceback": traceback.format_exc()}
 
 
-def run_forked(spec: dict, result: Path, timeout: float = 300.0) -> tuple[int, dict | None]:
-    """Fork, run `spec` in the child, wait. Returns (signal number if killed else -exit code, result or None)."""
+def start_forked(spec: dict, result: Path) -> int:
+    """Fork a child that runs `spec` and writes its result JSON to `result`; returns the child's pid."""
     result = Path(result)
     result.unlink(missing_ok=True)
     pid = os.fork()
     if pid == 0:  # child: never return into the test runner
         code = 0
         try:
-            out = execute(spec)
-            result.write_text(json.dumps(out))
+            result.write_text(json.dumps(execute(spec)))
         except BaseException:
             traceback.print_exc()
             code = 3
         finally:
             os._exit(code)
+    return pid
+
+
+def wait_forked(pid: int, result: Path, timeout: float = 300.0) -> tuple[int, dict | None]:
+    """Wait for a forked child: (signal number if it was killed, else minus its exit code; its result or None)."""
     deadline = time.time() + timeout
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -205,10 +209,25 @@ def run_forked(spec: dict, result: Path, timeout: float = 300.0) -> tuple[int, d
         if time.time() > deadline:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            raise TimeoutError(f"fault harness child {pid} ran over {timeout} s: {spec}")
+            raise TimeoutError(f"fault harness child {pid} ran over {timeout} s")
         time.sleep(0.02)
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else -os.WEXITSTATUS(status)
+    result = Path(result)
     return sig, (json.loads(result.read_text()) if result.exists() else None)
+
+
+def run_forked(spec: dict, result: Path, timeout: float = 300.0) -> tuple[int, dict | None]:
+    """Run `spec` in a forked child and wait for it (see `wait_forked`)."""
+    return wait_forked(start_forked(spec, result), result, timeout)
+
+
+def wait_for(path: Path, timeout: float = 120.0) -> None:
+    """Poll until `path` exists."""
+    deadline = time.time() + timeout
+    while not Path(path).exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
 
 
 UNCOMPARED_DIRS = ("tb",)  # TensorBoard event files carry wall-clock times and host names by design
