@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -29,13 +30,13 @@ STORE = "latents.zarr"
 
 @dataclass
 class LatentsArtifact:
-    """Open arrays of a latents.zarr group (zarr arrays are read lazily, slice them)."""
+    """Open arrays of a latents.zarr group (read lazily: slice them; a damaged chunk raises ArtifactError)."""
 
-    mu: zarr.Array
-    label: zarr.Array
-    sample: zarr.Array
-    view: zarr.Array
-    key: zarr.Array
+    mu: "CheckedArray"
+    label: "CheckedArray"
+    sample: "CheckedArray"
+    view: "CheckedArray"
+    key: "CheckedArray"
     mean: np.ndarray | None
     std: np.ndarray | None
     attrs: dict
@@ -58,7 +59,9 @@ def create_latents(path: str | Path, n: int, tokens: int, dim: int, chunk: int, 
             return
         raise ArtifactError(f"{path} holds latents of another shape/chunking/origin; use --overwrite or another --out")
     g = zarr.open_group(path, mode="w")
-    g.create_array("mu", shape=(n, tokens, dim), chunks=(chunk, tokens, dim), dtype="float32")
+    # every written chunk is stored (even all-zero ones), so a missing chunk file always means a damaged store
+    g.create_array("mu", shape=(n, tokens, dim), chunks=(chunk, tokens, dim), dtype="float32",
+                   config={"write_empty_chunks": True})
     g.create_array("label", shape=(n,), chunks=(chunk,), dtype="int64")
     g.create_array("sample", shape=(n,), chunks=(chunk,), dtype="int64")
     g.create_array("view", shape=(n,), chunks=(chunk,), dtype="int8")
@@ -104,13 +107,55 @@ def finalize_stats(path: str | Path, eps: float = 1e-6) -> tuple[np.ndarray, np.
     return mean, std
 
 
+class CheckedArray:
+    """A read-only view of a zarr array whose read errors name the store and say how to rebuild it."""
+
+    def __init__(self, array: zarr.Array, store: Path):
+        self._array, self._store = array, store
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return self._array[key]
+        except Exception as e:  # zarr/numcodecs raise many types for a damaged chunk (zstd, shape, OSError...)
+            raise ArtifactError(_damaged(self._store, f"cannot read {self._array.basename}[{key}] "
+                                                      f"({type(e).__name__}: {e})")) from e
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._array, name)
+
+    def __len__(self) -> int:
+        return self._array.shape[0]
+
+
+def _damaged(store: Path, what: str) -> str:
+    return (f"{store}: {what}; the latents store is damaged. Re-run `flatdino latents` with the same options and "
+            f"--overwrite (or into a new --out) to rebuild it")
+
+
+def missing_chunks(array: zarr.Array, store: Path) -> list[str]:
+    """Chunk files of `array` (chunked along axis 0 only) that are absent from the store on disk."""
+    encode = array.metadata.chunk_key_encoding.encode_chunk_key
+    n_chunks = -(-array.shape[0] // array.chunks[0])
+    rest = (0,) * (array.ndim - 1)
+    keys = [f"{array.basename}/{encode((i, *rest))}" for i in range(n_chunks)]
+    return [k for k in keys if not (store / k).is_file()]
+
+
 def open_latents(path: str | Path) -> LatentsArtifact:
-    """Open a latents group; `path` is the artifact directory or the `.zarr` itself."""
+    """Open a latents group; `path` is the artifact directory or the `.zarr` itself.
+
+    A finished store (mean/std written) must have every `mu` chunk on disk: zarr would read a deleted chunk as zeros.
+    Reads that fail on a damaged chunk raise ArtifactError naming the store.
+    """
     path = Path(path)
     if path.suffix != ".zarr":
         path = path / STORE
     if not (path / "zarr.json").exists():
         raise ArtifactError(f"{path}: no latents store; run `flatdino latents` (make latents) first")
     g = zarr.open_group(path, mode="r")
-    stats = [np.asarray(g[k][...]) if k in g else None for k in ("mean", "std")]
-    return LatentsArtifact(g["mu"], g["label"], g["sample"], g["view"], g["key"], stats[0], stats[1], dict(g.attrs))
+    stats = [CheckedArray(g[k], path)[...] if k in g else None for k in ("mean", "std")]
+    if stats[0] is not None and (gone := missing_chunks(g["mu"], path)):
+        raise ArtifactError(_damaged(path, f"{len(gone)} chunk file(s) missing ({', '.join(gone[:3])})"))
+    arrays = [CheckedArray(g[k], path) for k in ("mu", "label", "sample", "view", "key")]
+    return LatentsArtifact(*arrays, np.asarray(stats[0]) if stats[0] is not None else None,
+                           np.asarray(stats[1]) if stats[1] is not None else None, dict(g.attrs))
