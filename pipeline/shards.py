@@ -121,6 +121,13 @@ def _split_member(name: str) -> tuple[str, str]:
     return prefix + key, ext
 
 
+def _check_end(tar: tarfile.TarFile, path: str | Path) -> None:
+    """A tar cut exactly at a member boundary reads as a shorter, valid archive: require the end-of-archive marker
+    (two zero blocks) that every complete tar has. Compressed tars are left to their codec's own checks."""
+    if isinstance(tar.fileobj, io.BufferedReader) and os.path.getsize(path) < tar.offset + 2 * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"no end-of-archive marker after byte {tar.offset} (cut at a member boundary)")
+
+
 def read_tar_shard(path: str | Path) -> Iterator[dict]:
     """Samples of a webdataset tar, members grouped by key (the part of the file name before the first dot)."""
     try:
@@ -135,6 +142,7 @@ def read_tar_shard(path: str | Path) -> Iterator[dict]:
                         yield current
                     current = {"__key__": key}
                 current[ext] = tar.extractfile(member).read()
+            _check_end(tar, path)
             if current is not None:
                 yield current
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -151,6 +159,7 @@ def index_tar_shard(path: str | Path) -> dict[str, dict[str, tuple[int, int]]]:
                 if member.isfile():
                     key, ext = _split_member(member.name)
                     index.setdefault(key, {})[ext] = (member.offset_data, member.size)
+            _check_end(tar, path)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ArtifactError(f"{path}: unreadable tar shard ({e}); delete it and re-run the stage that wrote it") from e
     return index
