@@ -74,12 +74,14 @@ def comparable(out: Path) -> dict:
 
 # (stage, sink, k): a tar shard refused up front, the fsync of a shard/record (the real writer cleans up its
 # .tmp), the manifest/record atomic writes, and the checkpoint savers
-ENOSPC = [("images", "tar", 2), ("images", "fsync", 3), ("features", "fsync", 1), ("features", "atomic", 2),
-          ("train_classifier", "atomic", 2), ("train_dit", "save_file", 2), ("train_dit", "torch_save", 1),
-          ("train_dit", "atomic", 1)]
+_SLOW = pytest.mark.slow
+ENOSPC = [("images", "tar", 2), ("images", "fsync", 3), ("features", "fsync", 1),
+          pytest.param("features", "atomic", 2, marks=_SLOW), ("train_classifier", "atomic", 2),
+          ("train_dit", "save_file", 2), pytest.param("train_dit", "torch_save", 1, marks=_SLOW),
+          pytest.param("train_dit", "atomic", 1, marks=_SLOW)]
 
 
-@pytest.mark.parametrize("stage,sink,k", ENOSPC, ids=["-".join(map(str, p)) for p in ENOSPC])
+@pytest.mark.parametrize("stage,sink,k", ENOSPC)
 def test_disk_full_is_a_clear_message_and_the_rerun_resumes(configs, tmp_path, monkeypatch, stage, sink, k):
     import importlib
 
