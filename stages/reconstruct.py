@@ -24,9 +24,9 @@ from models.encoder import FeatureEncoder, PixelDecoder, load_rae
 from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.grids import save_grid
 from pipeline.manifest import ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, file_sha256
-from pipeline.runtime import Dist, autocast, barrier, current_dist, environment, get_logger, progress, resolve_device
+from pipeline.runtime import Dist, autocast, barrier, current_dist, environment, get_logger, progress
 from pipeline.shards import FeatureShards, ImageShards, for_rank, plan_shards
-from stages.sample import npz_bytes, rows_from_chunks, write_npz_streaming
+from stages.sample import npz_bytes, rows_from_chunks, stage_device, write_npz_streaming
 from stages.train_decoder import PairData, psnr
 
 log = get_logger(__name__)
@@ -137,7 +137,7 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
     if cfg.limit < 0 or cfg.chunk_size <= 0 or cfg.batch_size <= 0:
         raise UserError("--limit must be >= 0, --chunk-size and --batch-size positive")
     images, features = ImageShards(cfg.images), FeatureShards(cfg.features)
-    device = resolve_device(cfg.device)
+    device = stage_device(cfg.device, dist)
     vae, decoder, models = load_models(cfg, images, features, device)
     inputs = {"images": {"path": str(cfg.images), "fingerprint": images.manifest.fingerprint},
               "features": {"path": str(cfg.features), "fingerprint": features.manifest.fingerprint}}

@@ -187,6 +187,15 @@ def load_chain(cfg: Config, device: torch.device) -> Chain:
 # ------------------------------------------------------------------------------------------------------- sampling
 
 
+def stage_device(name: str, dist: Dist) -> torch.device:
+    """This process's device: accelerate's (one GPU per process) when launched on several, else `name` resolved."""
+    if dist.world > 1 and name in ("auto", "cuda"):
+        from accelerate import PartialState
+
+        return PartialState().device
+    return resolve_device(name)
+
+
 @torch.no_grad()
 def generate(chain: Chain, cfg: Config, indices: list[int], labels: torch.Tensor, device: torch.device) -> np.ndarray:
     """Global sample indices + labels (B,) -> uint8 images (B, 256, 256, 3)."""
@@ -263,7 +272,7 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
     dist, t0 = dist or current_dist(), time.time()
     if cfg.per_class <= 0 or cfg.chunk_size <= 0 or cfg.batch_size <= 0:
         raise UserError("--per-class, --chunk-size and --batch-size must be positive")
-    device = resolve_device(cfg.device)
+    device = stage_device(cfg.device, dist)
     chain = load_chain(cfg, device)
     config = {**config_to_dict(cfg, semantic_only=True), "models": chain.models, "inputs": chain.inputs}
     with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite and dist.is_main, lock=dist.is_main) as od:

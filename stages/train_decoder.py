@@ -15,6 +15,7 @@ Departures, all deliberate:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.grids import save_grid
 from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, atomic_write_json,
                                file_sha256)
-from pipeline.runtime import autocast, environment, get_logger, progress, resolve_device, torch_generator
+from pipeline.runtime import autocast, current_dist, environment, get_logger, progress, resolve_device, torch_generator
 from pipeline.shards import FeatureShards, ImageShards, IMAGE_EXTS, index_tar_shard, load_rgb, read_member
 
 log = get_logger(__name__)
@@ -287,14 +288,9 @@ def batch_rows(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return rows
 
 
-_PERMS: dict[tuple[int, int, int], torch.Tensor] = {}
-
-
+@functools.lru_cache(maxsize=2)  # a step's batch spans at most two epochs
 def _epoch_perm(seed: int, epoch: int, n: int) -> torch.Tensor:
-    if (seed, epoch, n) not in _PERMS:
-        _PERMS.clear()
-        _PERMS[(seed, epoch, n)] = torch.randperm(n, generator=torch_generator(seed, "epoch", epoch))
-    return _PERMS[(seed, epoch, n)]
+    return torch.randperm(n, generator=torch_generator(seed, "epoch", epoch))
 
 
 def noise_features(tokens: torch.Tensor, tau: float, generator: torch.Generator) -> torch.Tensor:
@@ -368,17 +364,14 @@ class Trainer(NamedTuple):
     accelerator: object
 
 
-def make_trainer(cfg: Config, device: torch.device, lp: LPIPS | None) -> Trainer:
+def make_trainer(cfg: Config, accelerator, device: torch.device, lp: LPIPS | None) -> Trainer:
     import copy
-
-    from accelerate import Accelerator
 
     rae = build_decoder_rae(cfg.encoder, cfg.decoder_size, cfg.seed)
     decoder = PixelDecoder(rae).to(device)
     ema = copy.deepcopy(decoder).eval().requires_grad_(False)
     opt_ = torch.optim.AdamW(decoder.decoder.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                              weight_decay=cfg.weight_decay)
-    accelerator = Accelerator(cpu=device.type == "cpu")
     return Trainer(rae, decoder, ema, opt_, lp.to(device) if lp is not None else None, accelerator)
 
 
@@ -525,12 +518,16 @@ def run(cfg: Config) -> Manifest:
               "features": features.manifest.fingerprint}
     if cfg.lpips_weights is not None:
         config["lpips_sha256"] = file_sha256(cfg.lpips_weights) if cfg.lpips_weights.exists() else None
-    with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite) as od:
+    dist = current_dist()
+    with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite and dist.is_main, lock=dist.is_main) as od:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest
-        device = resolve_device(cfg.device)
-        tr = make_trainer(cfg, device, lp)
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=cfg.device == "cpu")
+        device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.device)
+        tr = make_trainer(cfg, accelerator, device, lp)
         train = PairData(images, features, "train", cfg.cache_mb << 20)
         val = PairData(images, features, "val" if features.num_samples("val") else "train", 256 << 20)
         model, tr_opt = tr.accelerator.prepare(tr.decoder, tr.optimizer)
