@@ -77,10 +77,10 @@ class Recipe:
 # own decoder ("same"): with the pretrained RAE directory this fine-tunes the n08 decoder; `--steps 0` just packages
 # that decoder, unchanged, as this stage's artifact (with its validation PSNR), which is what the paper uses (frozen).
 RECIPES: dict[str, Recipe] = {
-    "demo": Recipe(decoder_size="tiny", steps=400, batch_size=16, lr=1e-3, warmup_steps=20, weight_decay=0.0,
-                        ema_decay=0.99, noise_tau=0.3, eval_every=100, checkpoint_every=100),
+    "demo": Recipe(decoder_size="tiny", steps=200, batch_size=16, lr=1e-3, warmup_steps=20, weight_decay=0.0,
+                   ema_decay=0.99, noise_tau=0.3, eval_every=100, checkpoint_every=100),
     "rae": Recipe(decoder_size="same", steps=40_000, batch_size=512, lr=2e-4, warmup_steps=1000, weight_decay=0.0,
-                       ema_decay=0.9999, noise_tau=0.8, eval_every=2000, checkpoint_every=1000),
+                  ema_decay=0.9999, noise_tau=0.8, eval_every=2000, checkpoint_every=1000),
 }
 
 
