@@ -57,8 +57,8 @@ DECODER_SIZES: dict[str, dict] = {
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """Defaults of the training knobs a recipe fills in (any of them can be overridden on the command line)."""
+class TrainPreset:
+    """Defaults of the training knobs a preset fills in (any of them can be overridden on the command line)."""
 
     decoder_size: str
     steps: int
@@ -76,11 +76,11 @@ class Recipe:
 # (tau 0.8 = "n08", lr 2e-4, EMA 0.9999, ~16 epochs of ImageNet at batch 512) starting from the encoder directory's
 # own decoder ("same"): with the pretrained RAE directory this fine-tunes the n08 decoder; `--steps 0` just packages
 # that decoder, unchanged, as this stage's artifact (with its validation PSNR), which is what the paper uses (frozen).
-RECIPES: dict[str, Recipe] = {
-    "demo": Recipe(decoder_size="tiny", steps=200, batch_size=16, lr=1e-3, warmup_steps=20, weight_decay=0.0,
-                   ema_decay=0.99, noise_tau=0.3, eval_every=100, checkpoint_every=100),
-    "rae": Recipe(decoder_size="same", steps=40_000, batch_size=512, lr=2e-4, warmup_steps=1000, weight_decay=0.0,
-                  ema_decay=0.9999, noise_tau=0.8, eval_every=2000, checkpoint_every=1000),
+PRESETS: dict[str, TrainPreset] = {
+    "demo": TrainPreset(decoder_size="tiny", steps=200, batch_size=16, lr=1e-3, warmup_steps=20, weight_decay=0.0,
+                        ema_decay=0.99, noise_tau=0.3, eval_every=100, checkpoint_every=100),
+    "rae": TrainPreset(decoder_size="same", steps=40_000, batch_size=512, lr=2e-4, warmup_steps=1000,
+                       weight_decay=0.0, ema_decay=0.9999, noise_tau=0.8, eval_every=2000, checkpoint_every=1000),
 }
 
 
@@ -91,26 +91,26 @@ class Config:
     encoder: str = field(metadata=opt("RAE directory that produced the features (its encoder weights are copied; "
                                       "its decoder is the starting point with --decoder-size same)"))
     out: Path = field(metadata=opt("output RAE directory + manifest, e.g. shards/decoder/demo"))
-    recipe: Literal["rae", "demo"] = field(default="rae", metadata=opt(
+    preset: Literal["rae", "demo"] = field(default="rae", metadata=opt(
         "defaults of the knobs left unset: rae (RAE's recipe, tau 0.8, from the encoder dir's decoder) or demo (a "
         "fresh tiny decoder, ~2 min on CPU)"))
     decoder_size: Literal["same", "tiny", "small", "xl"] | None = field(default=None, metadata=opt(
-        "decoder architecture; 'same' = the encoder directory's decoder, starting from its weights [recipe]"))
-    steps: int | None = field(default=None, metadata=opt("optimiser steps [recipe]"))
-    batch_size: int | None = field(default=None, metadata=opt("global batch size (rows = sample x view) [recipe]"))
-    lr: float | None = field(default=None, metadata=opt("peak AdamW learning rate (warm-up, then cosine to 10%) [recipe]"))
-    warmup_steps: int | None = field(default=None, metadata=opt("linear learning-rate warm-up steps [recipe]"))
-    weight_decay: float | None = field(default=None, metadata=opt("AdamW weight decay [recipe]"))
-    ema_decay: float | None = field(default=None, metadata=opt("EMA decay of the saved weights [recipe]"))
+        "decoder architecture; 'same' = the encoder directory's decoder, starting from its weights [preset]"))
+    steps: int | None = field(default=None, metadata=opt("optimiser steps [preset]"))
+    batch_size: int | None = field(default=None, metadata=opt("global batch size (rows = sample x view) [preset]"))
+    lr: float | None = field(default=None, metadata=opt("peak AdamW learning rate (warm-up, then cosine to 10%) [preset]"))
+    warmup_steps: int | None = field(default=None, metadata=opt("linear learning-rate warm-up steps [preset]"))
+    weight_decay: float | None = field(default=None, metadata=opt("AdamW weight decay [preset]"))
+    ema_decay: float | None = field(default=None, metadata=opt("EMA decay of the saved weights [preset]"))
     noise_tau: float | None = field(default=None, metadata=opt(
-        "feature noise augmentation: sigma ~ U[0, tau] per sample (RAE's tau; 0 = off) [recipe]"))
+        "feature noise augmentation: sigma ~ U[0, tau] per sample (RAE's tau; 0 = off) [preset]"))
     lpips: Literal["off", "auto", "on"] = field(default="auto", metadata=opt(
         "LPIPS term: on = required (needs --lpips-weights), auto = used when --lpips-weights is given, off = never"))
     lpips_weights: Path | None = field(default=None, metadata=opt(
         "local LPIPS file (.safetensors/.pth): torchvision VGG16 `features.*` + LPIPS v0.1 `lin{k}.model.1.weight`"))
     lpips_weight: float = field(default=1.0, metadata=opt("weight of the LPIPS term"))
-    eval_every: int | None = field(default=None, metadata=opt("validation PSNR + grid every N steps [recipe]"))
-    checkpoint_every: int | None = field(default=None, metadata=opt("training-state checkpoint every N steps [recipe]"))
+    eval_every: int | None = field(default=None, metadata=opt("validation PSNR + grid every N steps [preset]"))
+    checkpoint_every: int | None = field(default=None, metadata=opt("training-state checkpoint every N steps [preset]"))
     eval_samples: int = field(default=64, metadata=opt("validation images used for PSNR"))
     grid_samples: int = field(default=8, metadata=opt("validation images shown in the reconstruction grids"))
     seed: int = field(default=0, metadata=opt("seed of the decoder init, batch order and feature noise"))
@@ -123,9 +123,9 @@ class Config:
 
 
 def resolve(cfg: Config) -> Config:
-    """Fill every knob left unset (None) from the chosen recipe; the result is what the manifest records."""
-    recipe = RECIPES[cfg.recipe]
-    filled = {k: getattr(recipe, k) for k in recipe.__dataclass_fields__ if getattr(cfg, k) is None}
+    """Fill every knob left unset (None) from the chosen preset; the result is what the manifest records."""
+    preset = PRESETS[cfg.preset]
+    filled = {k: getattr(preset, k) for k in preset.__dataclass_fields__ if getattr(cfg, k) is None}
     cfg = replace(cfg, **filled)
     if cfg.steps < 0 or cfg.batch_size <= 0 or cfg.eval_every <= 0 or cfg.checkpoint_every <= 0:
         raise UserError(f"--steps must be >= 0; --batch-size, --eval-every, --checkpoint-every positive")

@@ -184,7 +184,7 @@ def test_batch_rows_walk_seeded_epoch_permutations():
 
 def test_lr_schedule_boundaries():
     cfg = td.resolve(td.Config(images=Path("i"), features=Path("f"), encoder="e", out=Path("o"), steps=100, lr=1.0,
-                               warmup_steps=10, recipe="demo"))
+                               warmup_steps=10, preset="demo"))
     assert td.lr_at(0, cfg) == pytest.approx(0.1)
     assert td.lr_at(9, cfg) == pytest.approx(1.0)
     assert td.lr_at(10, cfg) == pytest.approx(1.0)
@@ -194,9 +194,9 @@ def test_lr_schedule_boundaries():
 
 def test_resolve_fills_only_unset_knobs():
     cfg = td.resolve(td.Config(images=Path("i"), features=Path("f"), encoder="e", out=Path("o"), steps=7,
-                               recipe="demo"))
-    assert cfg.steps == 7 and cfg.batch_size == td.RECIPES["demo"].batch_size
-    assert td.resolve(replace(cfg, recipe="rae")).decoder_size == "tiny"  # already resolved: kept
+                               preset="demo"))
+    assert cfg.steps == 7 and cfg.batch_size == td.PRESETS["demo"].batch_size
+    assert td.resolve(replace(cfg, preset="rae")).decoder_size == "tiny"  # already resolved: kept
     assert td.resolve(td.Config(images=Path("i"), features=Path("f"), encoder="e", out=Path("o"))).noise_tau == 0.8
     with pytest.raises(UserError):
         td.resolve(replace(cfg, steps=-1))
@@ -244,7 +244,7 @@ def test_pair_data_joins_features_and_flipped_targets(images_artifact, features_
 
 def _cfg(images_artifact, features_artifact, encoder_dir, out, **kw) -> td.Config:
     base = dict(images=images_artifact, features=features_artifact, encoder=str(encoder_dir), out=out, steps=6,
-                recipe="demo", batch_size=4, eval_every=3, checkpoint_every=2, eval_samples=4, grid_samples=3, lpips="off")
+                preset="demo", batch_size=4, eval_every=3, checkpoint_every=2, eval_samples=4, grid_samples=3, lpips="off")
     return td.Config(**{**base, **kw})
 
 
@@ -326,6 +326,6 @@ def test_tiny_decoder_learns_the_digits(tmp_path, encoder_dir):
     features.run(features.Config(images=tmp_path / "img", encoder=str(encoder_dir), out=tmp_path / "feat", views=1,
                                  batch_size=32, num_workers=2))
     m = td.run(td.Config(images=tmp_path / "img", features=tmp_path / "feat", encoder=str(encoder_dir),
-                         out=tmp_path / "dec", recipe="demo", steps=250, eval_every=250, eval_samples=30, lpips="off"))
+                         out=tmp_path / "dec", preset="demo", steps=250, eval_every=250, eval_samples=30, lpips="off"))
     final = m.extra["final"]
     assert final["val_psnr"] > final["baseline_psnr"] + 6, final
