@@ -22,6 +22,7 @@ Two ways to run a spec (a JSON-able dict, see `execute`):
 from __future__ import annotations
 
 import errno
+import hashlib
 import importlib
 import json
 import os
@@ -38,7 +39,8 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline import latents_store
-from pipeline.manifest import MANIFEST, Manifest, file_sha256, read_manifest, write_manifest
+from pipeline.manifest import MANIFEST, Manifest, OutputDir, file_sha256, read_manifest, write_manifest
+from pipeline.shards import encode_int, encode_npy, write_tar_shard
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -255,13 +257,30 @@ class Case:
         return spec
 
 
+VOLATILE_KEYS = ("samples_per_s",)  # throughput logged inside JSON state (train-vae's curve): wall-clock by nature
+
+
+def _drop_volatile(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_volatile(v) for k, v in obj.items() if k not in VOLATILE_KEYS}
+    if isinstance(obj, list):
+        return [_drop_volatile(v) for v in obj]
+    return obj
+
+
 def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file of an artifact directory (stray .tmp files included: a resume must not leave any)."""
+    """sha256 of every file of an artifact directory (stray .tmp files included: a resume must not leave any).
+
+    JSON files are compared without their VOLATILE_KEYS (measured throughput); everything else byte for byte."""
     out = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
         if p.is_file() and rel.parts[0] not in UNCOMPARED_DIRS and p.name not in UNCOMPARED_FILES:
-            out[str(rel)] = file_sha256(p)
+            if p.suffix == ".json" and any(k.encode() in p.read_bytes() for k in VOLATILE_KEYS):
+                out[str(rel)] = "json:" + hashlib.sha256(json.dumps(_drop_volatile(json.loads(p.read_text())),
+                                                                   sort_keys=True).encode()).hexdigest()
+            else:
+                out[str(rel)] = file_sha256(p)
     return out
 
 
@@ -307,7 +326,9 @@ def kill_then_resume(case: Case, ref: Reference, out: Path, sink: str, action: s
     m = read_manifest(out)
     assert m.complete and m.fingerprint == ref.manifest.fingerprint
     assert m.counts == ref.manifest.counts and m.failures == ref.manifest.failures
-    assert snapshot(out) == ref.files
+    files = snapshot(out)
+    diff = sorted(k for k in set(files) | set(ref.files) if files.get(k) != ref.files.get(k))
+    assert not diff, f"after {action} at {sink} call {k}, these files differ from the clean run: {diff}"
     return res
 
 
@@ -325,6 +346,29 @@ def make_latents_artifact(root: Path, n: int = 24, tokens: int = 8, dim: int = 1
     write_manifest(root, Manifest(stage="latents", complete=True, extra={"classes": [str(c) for c in range(classes)],
                                                                        "seed": seed}))
     return root
+
+
+def make_features_artifact(root: Path, damage: str | None = None, n_train: int = 16, n_val: int = 4,
+                           n_patch: int = 16, dim: int = 24) -> tuple[Path, str]:
+    """A complete features artifact of random (2, n_patch, dim) float16 features; `damage` puts a NaN or a wrong
+    shape into train sample 5. Returns (path, damaged key)."""
+    rng = np.random.default_rng(0)
+    records = []
+    with OutputDir(root, "features", {"fake": damage}) as od:
+        for split, n in (("train", n_train), ("val", n_val)):
+            samples = []
+            for i in range(n):
+                f = rng.standard_normal((2, n_patch, dim)).astype(np.float16)
+                if split == "train" and i == 5 and damage == "nan":
+                    f[1, 3, 7] = np.nan
+                if split == "train" and i == 5 and damage == "shape":
+                    f = f[:, :, : dim - 1]
+                samples.append({"__key__": f"{split}_{i:08d}", "feat.npy": encode_npy(f), "cls": encode_int(i % 3)})
+            records.append({**write_tar_shard(root / f"features-{split}-000000.tar", samples), "split": split})
+        extra = {"views": 2, "num_patches": n_patch, "dim": dim, "classes": ["a", "b", "c"],
+                 "encoder": {"source": "fake", "fingerprint": "enc0"}, "splits": {"train": n_train, "val": n_val}}
+        od.finish(Manifest(stage="features", shards=records, extra=extra, complete=True))
+    return root, "train_00000005"
 
 
 def script_command(spec_path: Path) -> list[str]:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import safetensors
 
-from fault_harness import make_latents_artifact, run_forked, snapshot
+from fault_harness import make_features_artifact, make_latents_artifact, run_forked, snapshot
 from pipeline.manifest import (ArtifactError, ConfigMismatch, Manifest, OutputDir, TooManyFailures, UserError,
                                read_manifest)
 from pipeline.runtime import Dist
@@ -159,31 +159,6 @@ def test_images_artifact_non_image_member_is_skipped_and_counted(tmp_path, image
 
 # ------------------------------------------------------------------------------------------------ features -> VAE
 
-N_PATCH, DIM = 16, 24
-
-
-def fake_features(root: Path, damage: str | None = None, n_train: int = 16, n_val: int = 4) -> tuple[Path, str]:
-    """A complete features artifact of random (2, N_PATCH, DIM) float16 features; `damage` puts a NaN or a wrong
-    shape into train sample 5. Returns (path, damaged key)."""
-    rng = np.random.default_rng(0)
-    records = []
-    with OutputDir(root, "features", {"fake": damage}) as od:
-        for split, n in (("train", n_train), ("val", n_val)):
-            samples = []
-            for i in range(n):
-                f = rng.standard_normal((2, N_PATCH, DIM)).astype(np.float16)
-                if split == "train" and i == 5 and damage == "nan":
-                    f[1, 3, 7] = np.nan
-                if split == "train" and i == 5 and damage == "shape":
-                    f = f[:, :, : DIM - 1]
-                samples.append({"__key__": f"{split}_{i:08d}", "feat.npy": encode_npy(f), "cls": encode_int(i % 3)})
-            records.append({**write_tar_shard(root / f"features-{split}-000000.tar", samples), "split": split})
-        extra = {"views": 2, "num_patches": N_PATCH, "dim": DIM, "classes": ["a", "b", "c"],
-                 "encoder": {"source": "fake", "fingerprint": "enc0"}, "splits": {"train": n_train, "val": n_val}}
-        od.finish(Manifest(stage="features", shards=records, extra=extra, complete=True))
-    return root, "train_00000005"
-
-
 def _vae_cfg(feats: Path, out: Path):
     import stages.train_vae as tv
 
@@ -198,7 +173,7 @@ def _vae_cfg(feats: Path, out: Path):
 def test_nan_features_are_named_by_key(tmp_path):
     import stages.train_vae as tv
 
-    feats, key = fake_features(tmp_path / "feat", "nan")
+    feats, key = make_features_artifact(tmp_path / "feat", "nan")
     with pytest.raises(ArtifactError, match=key):
         tv.run(_vae_cfg(feats, tmp_path / "vae"), dist=Dist())
 
@@ -209,7 +184,7 @@ def test_nan_features_are_named_by_key(tmp_path):
 def test_wrong_shape_features_are_named_by_key(tmp_path):
     import stages.train_vae as tv
 
-    feats, key = fake_features(tmp_path / "feat", "shape")
+    feats, key = make_features_artifact(tmp_path / "feat", "shape")
     with pytest.raises(ArtifactError, match=key):
         tv.run(_vae_cfg(feats, tmp_path / "vae"), dist=Dist())
 

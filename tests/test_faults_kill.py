@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from fault_harness import (Case, kill_then_resume, make_latents_artifact, pick_k, reference_run, run_forked,
+from fault_harness import (Case, kill_then_resume, make_features_artifact, make_latents_artifact, pick_k, reference_run, run_forked,
                            script_command, script_env, snapshot)
 from pipeline.manifest import read_manifest
 
@@ -51,7 +51,30 @@ def _train_dit_case(request) -> Case:
                  "keep": 2, "log_every": 1, "device": "cpu"}, TRAIN_SINKS)
 
 
-CASES = {"images": _images_case, "features": _features_case, "train_classifier": _classifier_case,
+def _vae_config(features) -> dict:
+    return {"features": str(features), "preset": "demo", "variant": "demo", "epochs": 2, "global_batch": 8,
+            "micro_batch": 4, "lr_peak": 2e-3, "val_every": 2, "ckpt_every": 2, "log_every": 1, "num_workers": 1,
+            "device": "cpu"}
+
+
+def _train_vae_case(request) -> Case:
+    feats, _ = make_features_artifact(request.getfixturevalue("tmp_path_factory").mktemp("vae-feats") / "f")
+    return Case("train_vae", "stages.train_vae", _vae_config(feats), TRAIN_SINKS, dist=(0, 1))
+
+
+def _latents_case(request) -> Case:
+    import stages.train_vae as tv
+    from pipeline.config import config_from_dict
+
+    root = request.getfixturevalue("tmp_path_factory").mktemp("lat-in")
+    feats, _ = make_features_artifact(root / "f", n_train=20)
+    tv.run(config_from_dict(tv.Config, {**_vae_config(feats), "epochs": 1, "out": str(root / "vae")}), dist=None)
+    return Case("latents", "stages.latents", {"features": str(feats), "vae": str(root / "vae"), "shard_samples": 4,
+                                              "batch_size": 3, "device": "cpu"}, ("zarr", "atomic", "replace"),
+                dist=(0, 1))
+
+
+CASES = {"images": _images_case, "train_vae": _train_vae_case, "latents": _latents_case, "features": _features_case, "train_classifier": _classifier_case,
          "train_dit": _train_dit_case}
 
 # (stage, sink, action, seed): the default set covers every stage at a shard/checkpoint rename, mid-write and
@@ -66,10 +89,14 @@ FAST = [
     ("train_dit", "save_file", "kill_during", 0),
     ("train_dit", "replace", "kill_after", 0),
     ("train_dit", "torch_save", "kill_before", 0),
+    ("train_vae", "save_file", "kill_during", 0),
+    ("train_vae", "replace", "kill_after", 0),
+    ("latents", "zarr", "kill_after", 0),
+    ("latents", "atomic", "kill_during", 0),
 ]
 SLOW = [(stage, sink, action, seed) for stage, sinks in
         [("images", SHARD_SINKS), ("features", SHARD_SINKS), ("train_classifier", ("atomic", "replace")),
-         ("train_dit", TRAIN_SINKS)]
+         ("train_dit", TRAIN_SINKS), ("train_vae", TRAIN_SINKS), ("latents", ("zarr", "atomic", "replace"))]
         for sink in sinks for action in ("kill_before", "kill_during", "kill_after") for seed in (1, 2)
         if (stage, sink, action, seed) not in FAST]
 
