@@ -177,6 +177,19 @@ def write_manifest(out: str | Path, manifest: Manifest) -> None:
     atomic_write_json(Path(out) / MANIFEST, manifest.to_json())
 
 
+def _barrier() -> None:
+    """Wait for every process of a launched job (initialising its process group); no-op for one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from pipeline.runtime import current_dist  # creates accelerate's PartialState (the process group)
+
+    current_dist()
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
 class OutputDir:
     """Owns an artifact directory for one run: lock, config check, shard commit records, final manifest.
 
@@ -189,26 +202,33 @@ class OutputDir:
             od.finish(manifest)
     """
 
-    def __init__(self, out: str | Path, stage: str, config: dict, overwrite: bool = False, lock: bool = True):
+    def __init__(self, out: str | Path, stage: str, config: dict, overwrite: bool = False, lock: bool | None = None):
         self.path = Path(out)
         self.stage = stage
         self.config = config
         self.config_hash = json_sha256(config)
-        self.overwrite = overwrite
-        self.use_lock = lock
+        # Under a launcher (accelerate/torchrun) only rank 0 locks, wipes and stamps the directory; the other ranks
+        # wait for it and then only read. `lock=False` marks a secondary rank explicitly (tests emulate ranks).
+        self.is_main = int(os.environ.get("RANK", "0")) == 0 if lock is None else lock
+        self.overwrite = overwrite and self.is_main
         self._lock_fd: int | None = None
         self.manifest: Manifest | None = None
         self.done = False
 
     def __enter__(self) -> "OutputDir":
+        if not self.is_main:
+            _barrier()  # rank 0 has checked, wiped (--overwrite) and stamped the directory
+            self._check_existing(read_only=True)
+            return self
         self.path.mkdir(parents=True, exist_ok=True)
-        if self.use_lock:
-            self._acquire_lock()
+        self._acquire_lock()
         try:
             self._check_existing()
         except BaseException:
             self._release_lock()
+            _barrier()
             raise
+        _barrier()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -231,7 +251,7 @@ class OutputDir:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _check_existing(self) -> None:
+    def _check_existing(self, read_only: bool = False) -> None:
         stamp = self.path / ".config.json"
         if self.overwrite:
             self._wipe()
@@ -249,7 +269,8 @@ class OutputDir:
                     logging.getLogger("flatdino.manifest").warning(
                         "%s: %d shard(s) missing or truncated (%s); rewriting them", self.path, len(damaged),
                         ", ".join(damaged[:3]))
-        atomic_write_json(stamp, {"stage": self.stage, "config_hash": self.config_hash, "config": self.config})
+        if not read_only:
+            atomic_write_json(stamp, {"stage": self.stage, "config_hash": self.config_hash, "config": self.config})
 
     def _mismatch_message(self, old: dict) -> str:
         diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
