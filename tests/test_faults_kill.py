@@ -74,7 +74,45 @@ def _latents_case(request) -> Case:
                 dist=(0, 1))
 
 
-CASES = {"images": _images_case, "train_vae": _train_vae_case, "latents": _latents_case, "features": _features_case, "train_classifier": _classifier_case,
+def _train_decoder_case(request) -> Case:
+    return Case("train_decoder", "stages.train_decoder",
+                {"images": str(request.getfixturevalue("images_artifact")),
+                 "features": str(request.getfixturevalue("features_artifact")),
+                 "encoder": str(request.getfixturevalue("encoder_dir")), "steps": 6, "preset": "demo", "batch_size": 4,
+                 "eval_every": 3, "checkpoint_every": 2, "eval_samples": 4, "grid_samples": 3, "lpips": "off",
+                 "device": "cpu"}, ("atomic", "replace"))
+
+
+def _sample_case(request) -> Case:
+    from stages import train_dit
+    from test_sample import make_latents, make_vae
+
+    root = request.getfixturevalue("tmp_path_factory").mktemp("chain")
+    encoder = request.getfixturevalue("encoder_dir")
+    vae = make_vae(root / "vae", encoder)
+    latents = make_latents(root / "latents", vae)
+    train_dit.run(train_dit.Config(latents=latents, out=root / "dit", preset="T", steps=2, global_batch=8,
+                                   normalise=True, device="cpu", ckpt_every=2, log_every=1))
+    return Case("sample", "stages.sample",
+                {"dit": str(root / "dit"), "vae": str(vae), "decoder": str(encoder), "per_class": 2, "steps": 3,
+                 "cfg_scale": 2.0, "cfg_interval": [0.2, 1.0], "chunk_size": 2, "batch_size": 3, "grid_columns": 2,
+                 "device": "cpu"}, ("atomic", "replace"), dist=(0, 1))
+
+
+def _reconstruct_case(request) -> Case:
+    from test_sample import make_vae
+
+    encoder = request.getfixturevalue("encoder_dir")
+    vae = make_vae(request.getfixturevalue("tmp_path_factory").mktemp("rc-vae") / "run", encoder)
+    return Case("reconstruct", "stages.reconstruct",
+                {"images": str(request.getfixturevalue("images_artifact")),
+                 "features": str(request.getfixturevalue("features_artifact")), "vae": str(vae),
+                 "decoder": str(encoder), "split": "val", "limit": 5, "chunk_size": 2, "batch_size": 2,
+                 "grid_samples": 3, "device": "cpu"}, ("atomic", "replace"), dist=(0, 1))
+
+
+CASES = {"images": _images_case, "train_decoder": _train_decoder_case, "sample": _sample_case,
+         "reconstruct": _reconstruct_case, "train_vae": _train_vae_case, "latents": _latents_case, "features": _features_case, "train_classifier": _classifier_case,
          "train_dit": _train_dit_case}
 
 # (stage, sink, action, seed): the default set covers every stage at a shard/checkpoint rename, mid-write and
@@ -93,12 +131,17 @@ FAST = [
     ("train_vae", "replace", "kill_after", 0),
     ("latents", "zarr", "kill_after", 0),
     ("latents", "atomic", "kill_during", 0),
+    pytest.param("train_decoder", "atomic", "kill_during", 0, marks=pytest.mark.slow),
+    ("sample", "replace", "kill_after", 0),
+    ("reconstruct", "atomic", "kill_during", 0),
 ]
 SLOW = [(stage, sink, action, seed) for stage, sinks in
         [("images", SHARD_SINKS), ("features", SHARD_SINKS), ("train_classifier", ("atomic", "replace")),
-         ("train_dit", TRAIN_SINKS), ("train_vae", TRAIN_SINKS), ("latents", ("zarr", "atomic", "replace"))]
+         ("train_dit", TRAIN_SINKS), ("train_vae", TRAIN_SINKS), ("latents", ("zarr", "atomic", "replace")),
+                                ("train_decoder", ("atomic", "replace")), ("sample", ("atomic", "replace")),
+                                ("reconstruct", ("atomic", "replace"))]
         for sink in sinks for action in ("kill_before", "kill_during", "kill_after") for seed in (1, 2)
-        if (stage, sink, action, seed) not in FAST]
+        if (stage, sink, action, seed) not in [p for p in FAST if isinstance(p, tuple)]]
 
 _REFS: dict = {}
 
@@ -116,7 +159,7 @@ def reference(request, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("stage,sink,action,seed", FAST, ids=["-".join(map(str, p)) for p in FAST])
+@pytest.mark.parametrize("stage,sink,action,seed", FAST)
 def test_kill_and_rerun_is_byte_identical(reference, stage, sink, action, seed):
     case, ref = reference(stage)
     kill_then_resume(case, ref, ref.out.with_name("out"), sink, action, pick_k(ref, case, sink, action, seed))
