@@ -83,7 +83,7 @@ class Config:
         "features: stored feature shards; images: DINOv2 features on the fly with random-resized crop + flip"))
     images: Path | None = field(default=None, metadata=opt("images artifact (with --source images)"))
     encoder: str | None = field(default=None, metadata=opt("RAE directory or hub id (with --source images)"))
-    model: str = field(default="32-bl-128", metadata=opt(f"FlatDINO preset: {', '.join(PRESETS)}"))
+    preset: str = field(default="32-bl-128", metadata=opt(f"FlatDINO preset: {', '.join(PRESETS)}"))
     num_tokens: int | None = field(default=None, metadata=opt("override the preset's latent tokens T"))
     latent_dim: int | None = field(default=None, metadata=opt("override the preset's latent channels F"))
     encoder_registers: int = field(default=0, metadata=opt("disposable encoder registers (official -erN)"))
@@ -138,9 +138,9 @@ class Plan:
 
 def resolve_model(cfg: Config, feature_dim: int, num_patches: int) -> FlatDINOConfig:
     """The preset with the config's overrides; the feature shape comes from the data."""
-    if cfg.model not in PRESETS:
-        raise UserError(f"unknown --model {cfg.model!r}; choose one of {', '.join(PRESETS)}")
-    base = PRESETS[cfg.model]
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[cfg.preset]
     return replace(base, num_tokens=cfg.num_tokens or base.num_tokens, latent_dim=cfg.latent_dim or base.latent_dim,
                    feature_dim=feature_dim, num_patches=num_patches, encoder_registers=cfg.encoder_registers,
                    decoder_registers=cfg.decoder_registers)
@@ -218,6 +218,9 @@ class TrainData:
         """(b, N, D) float32 tokens for train stream positions."""
         raise NotImplementedError
 
+    def prefetch(self, ranges: list[range]) -> None:
+        """Hint: these train positions are needed next (readers may start loading them)."""
+
     def val_batch(self, indices: range) -> torch.Tensor:
         """(b, N, D) float32 tokens of val samples (centre view)."""
         raise NotImplementedError
@@ -238,7 +241,7 @@ class FeatureData(TrainData):
         if self.num_val == 0:
             raise ArtifactError(f"{path} has no 'val' split to validate on; make the images with --val-fraction > 0")
         self.order = StreamOrder(seed, self.num_train, self.views)
-        self.num_workers = num_workers
+        self.num_workers, self._pool, self._prefetch_pool, self._pending = num_workers, None, None, {}
         per_sample = self.views * self.num_patches * self.dim * 2
         fits = (self.num_train + self.num_val) * per_sample <= cache_bytes
         self.cache = {s: self._load_all(s) for s in ("train", "val")} if fits else None
@@ -249,14 +252,30 @@ class FeatureData(TrainData):
     def _feats(self, split: str, samples: np.ndarray) -> np.ndarray:
         if self.cache is not None:
             return self.cache[split][samples]
-        from concurrent.futures import ThreadPoolExecutor
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(self.num_workers) as pool:
-            return np.stack(list(pool.map(lambda i: self.shards.get(int(i), split)[2], samples)))
+            self._pool = ThreadPoolExecutor(self.num_workers)
+        return np.stack(list(self._pool.map(lambda i: self.shards.get(int(i), split)[2], samples)))
+
+    def prefetch(self, ranges: list[range]) -> None:
+        """Start reading the given train positions in the background (only when not cached in RAM)."""
+        if self.cache is not None:
+            return
+        if self._prefetch_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._prefetch_pool = ThreadPoolExecutor(1)
+        for r in ranges:
+            self._pending[(r.start, r.stop)] = self._prefetch_pool.submit(self._read_train, r)
+
+    def _read_train(self, positions: range) -> np.ndarray:
+        samples, views = self.order.lookup(positions)
+        return self._feats("train", samples)[np.arange(len(samples)), views]  # (b, N, D)
 
     def batch(self, positions: range) -> torch.Tensor:
-        samples, views = self.order.lookup(positions)
-        feats = self._feats("train", samples)[np.arange(len(samples)), views]  # (b, N, D)
+        pending = self._pending.pop((positions.start, positions.stop), None)
+        feats = self._read_train(positions) if pending is None else pending.result()
         return torch.from_numpy(feats).float()
 
     def val_batch(self, indices: range) -> torch.Tensor:
@@ -404,7 +423,11 @@ def local_gradients(model, data: TrainData, plan: Plan, cfg: Config, step: int, 
     noise = torch.randn(g, *model.cfg.latent_shape, generator=torch_generator(cfg.seed, "noise", step))
     beta = plan.beta * kl_anneal(step, cfg.kl_anneal_steps)
     stats = StepStats()
-    for sl in rank_slices(plan, cfg.micro_batch, dist):
+    slices = rank_slices(plan, cfg.micro_batch, dist)
+    for i, sl in enumerate(slices):
+        nxt = slices[i + 1] if i + 1 < len(slices) else slices[0]
+        base = step * g if i + 1 < len(slices) else (step + 1) * g
+        data.prefetch([range(base + nxt.start, base + nxt.stop)])  # overlap reading with this micro-batch
         tokens = data.batch(range(step * g + sl.start, step * g + sl.stop)).to(device)
         n = sl.stop - sl.start
         loss, cos = accumulate_gradients(model, tokens, noise[sl].to(device), n / g, beta, cfg.free_bits, precision)
@@ -633,7 +656,7 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
         trainer = load_state(od.path, model, opt, device) or fresh_trainer()
         meta = {"model": config_to_json(model_cfg), "train": config, "plan": plan.__dict__}
         log.info("train-vae: %s, %d train / %d val samples, %d updates of %d (warmup %d, decay %d), beta %.3g, %s",
-                 cfg.model, data.num_train, data.num_val, plan.total, plan.global_batch, plan.warmup, plan.decay,
+                 cfg.preset, data.num_train, data.num_val, plan.total, plan.global_batch, plan.warmup, plan.decay,
                  plan.beta, precision)
         trainer = _loop(model, opt, data, plan, cfg, trainer, meta, od.path, dist, device, precision)
         barrier(dist)
