@@ -627,6 +627,19 @@ def build_model(model_cfg: FlatDINOConfig, seed: int, device) -> FlatDINO:
     return model.to(device).train()
 
 
+def init_dist() -> Dist:
+    """`current_dist()`, but on a machine without CUDA first bring accelerate up in CPU (gloo) mode.
+
+    `PartialState()` without `cpu=True` silently reports a single process on CPU-only hosts under
+    `accelerate launch --multi_gpu`, so every rank would believe it is rank 0 of 1.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        from accelerate import PartialState
+
+        PartialState(cpu=True)
+    return current_dist()
+
+
 def _device(cfg: Config, dist: Dist) -> torch.device:
     if dist.world > 1 and torch.distributed.is_initialized():
         from accelerate import PartialState
@@ -637,7 +650,7 @@ def _device(cfg: Config, dist: Dist) -> torch.device:
 
 def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
     """Train (or resume) a FlatDINO VAE; returns the manifest when the schedule is complete, else None."""
-    dist, t0 = dist or current_dist(), time.time()
+    dist, t0 = dist or init_dist(), time.time()
     data = open_data(cfg)
     model_cfg = resolve_model(cfg, data.dim, data.num_patches)
     plan = make_plan(cfg, data.num_train, model_cfg)
