@@ -16,6 +16,8 @@ processes never share a chunk; the rows of a shard count as written only once th
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,14 +53,23 @@ class LatentsArtifact:
 
 
 def create_latents(path: str | Path, n: int, tokens: int, dim: int, chunk: int, attrs: dict) -> None:
-    """Create (or re-open unchanged, for resume) the arrays of a latents group with N = n rows."""
+    """Create (or re-open unchanged, for resume) the arrays of a latents group with N = n rows.
+
+    The empty group is built under `<path>.tmp` and renamed into place, so a run killed while creating it leaves no
+    half-made store that a resume would refuse. On resume, the `*.partial` files of chunk writes killed before zarr's
+    own rename are removed (this runs on the main process before any rank writes).
+    """
     path = Path(path)
     if (path / "zarr.json").exists():
         g = zarr.open_group(path, mode="r")
         if g["mu"].shape == (n, tokens, dim) and g["mu"].chunks[0] == chunk and dict(g.attrs) == attrs:
+            for stale in path.rglob("*.partial"):
+                stale.unlink()
             return
         raise ArtifactError(f"{path} holds latents of another shape/chunking/origin; use --overwrite or another --out")
-    g = zarr.open_group(path, mode="w")
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    g = zarr.open_group(tmp, mode="w")
     # every written chunk is stored (even all-zero ones), so a missing chunk file always means a damaged store
     g.create_array("mu", shape=(n, tokens, dim), chunks=(chunk, tokens, dim), dtype="float32",
                    config={"write_empty_chunks": True})
@@ -67,6 +78,8 @@ def create_latents(path: str | Path, n: int, tokens: int, dim: int, chunk: int, 
     g.create_array("view", shape=(n,), chunks=(chunk,), dtype="int8")
     g.create_array("key", shape=(n,), chunks=(chunk,), dtype=str)
     g.attrs.update(attrs)
+    shutil.rmtree(path, ignore_errors=True)  # a store without zarr.json is an interrupted older layout: start over
+    os.replace(tmp, path)
 
 
 def write_rows(path: str | Path, start: int, mu: np.ndarray, label: np.ndarray, sample: np.ndarray,
