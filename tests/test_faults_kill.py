@@ -153,6 +153,19 @@ SLOW = [(stage, sink, action, 1) for stage, sinks in
         for sink in sinks for action in ("kill_before", "kill_during", "kill_after")
         if (action != "kill_during" or sink in TORN) and (stage, sink, action, 1) not in FAST]
 
+LATENT_STATS_BUG = ("stages/train_dit.py writes latent_stats.safetensors after the checkpoint folder is renamed and "
+                    "latest.json points at it (see test_kill_between_checkpoint_commit_and_latent_stats)")
+KNOWN_BUGS = {
+    ("train_dit", "save_file", "kill_during", 1): LATENT_STATS_BUG,
+    ("train_dit", "replace", "kill_after", 1): LATENT_STATS_BUG,
+    ("train_vae", "atomic", "kill_during", 1): (
+        "stages/train_vae.py writes loss.png after the final state/ checkpoint: killed in between, the re-run finds "
+        "the schedule done, never rewrites loss.png (stale) and leaves loss.png.tmp; fix: write loss.png before "
+        "save_state in _checkpoint, or again in _finish"),
+}
+SLOW = [pytest.param(*p, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[p])) if p in KNOWN_BUGS else p
+        for p in SLOW]
+
 _REFS: dict = {}
 
 
@@ -176,7 +189,7 @@ def test_kill_and_rerun_is_byte_identical(reference, stage, sink, action, seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,sink,action,seed", SLOW, ids=["-".join(map(str, p)) for p in SLOW])
+@pytest.mark.parametrize("stage,sink,action,seed", SLOW)
 def test_kill_and_rerun_is_byte_identical_more_points(reference, stage, sink, action, seed):
     case, ref = reference(stage)
     kill_then_resume(case, ref, ref.out.with_name("out"), sink, action, pick_k(ref, case, sink, action, seed))
