@@ -75,7 +75,8 @@ def load_models(cfg: Config, images: ImageShards, features: FeatureShards, devic
                             f"encoder {feat_fp[:12]}; train a decoder for that encoder or pass the matching one")
     decoder = PixelDecoder(rae).to(device).eval()
     models = {"vae": {"path": str(cfg.vae), "fingerprint": vae_m.fingerprint, "weights": cfg.vae_weights},
-              "decoder": {"source": str(cfg.decoder), "fingerprint": decoder.fingerprint, "encoder_fingerprint": dec_fp}}
+              "decoder": {"source": str(cfg.decoder), "fingerprint": decoder.fingerprint,
+                          "encoder_fingerprint": dec_fp}}
     return vae.to(device).eval(), decoder, models
 
 

@@ -178,7 +178,8 @@ def load_chain(cfg: Config, device: torch.device) -> Chain:
                       "weights": "ema"},
               "vae": {"path": str(cfg.vae), "fingerprint": vae_m.fingerprint, "weights": weights,
                       "sha256": vae_m.models[weights]["sha256"]},
-              "decoder": {"source": str(cfg.decoder), "fingerprint": decoder.fingerprint, "encoder_fingerprint": enc_fp}}
+              "decoder": {"source": str(cfg.decoder), "fingerprint": decoder.fingerprint,
+                          "encoder_fingerprint": enc_fp}}
     inputs = {"latents": {"path": str(lat_path), "fingerprint": lat_m.fingerprint}}
     return Chain(dit.to(device), vae.to(device).eval(), decoder, float(full["flow"]["kappa"]), mean, std,
                  dit.cfg.num_classes, tuple(vae_cfg.latent_shape), models, inputs)
@@ -231,7 +232,7 @@ def write_chunk(out: Path, chain: Chain, cfg: Config, spec, labels: torch.Tensor
 
 
 def grid_indices(num_classes: int, per_class: int, classes: int, columns: int) -> list[list[int]]:
-    """Global sample indices of the grid: one row per shown class (evenly spaced subset), its first `columns` samples."""
+    """Sample indices of the grid: one row per shown class (an evenly spaced subset), its first `columns` samples."""
     shown = np.unique(np.linspace(0, num_classes - 1, min(classes, num_classes)).round().astype(int))
     return [[int(c) * per_class + j for j in range(min(columns, per_class))] for c in shown]
 

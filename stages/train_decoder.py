@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -28,7 +27,6 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from models.encoder import (IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_NAME, FeatureEncoder, PixelDecoder, adm_center_crop,
                             load_rae, pil_to_uint8)
@@ -98,7 +96,8 @@ class Config:
         "decoder architecture; 'same' = the encoder directory's decoder, starting from its weights [preset]"))
     steps: int | None = field(default=None, metadata=opt("optimiser steps [preset]"))
     batch_size: int | None = field(default=None, metadata=opt("global batch size (rows = sample x view) [preset]"))
-    lr: float | None = field(default=None, metadata=opt("peak AdamW learning rate (warm-up, then cosine to 10%) [preset]"))
+    lr: float | None = field(default=None, metadata=opt(
+        "peak AdamW learning rate (warm-up, then cosine to 10%) [preset]"))
     warmup_steps: int | None = field(default=None, metadata=opt("linear learning-rate warm-up steps [preset]"))
     weight_decay: float | None = field(default=None, metadata=opt("AdamW weight decay [preset]"))
     ema_decay: float | None = field(default=None, metadata=opt("EMA decay of the saved weights [preset]"))
@@ -193,7 +192,8 @@ class LPIPS(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) x2 in [-1, 1] -> (B,) perceptual distance."""
-        return sum(head((fa - fb) ** 2).mean((1, 2, 3)) for head, fa, fb in zip(self.heads, self._taps(a), self._taps(b)))
+        pairs = zip(self.heads, self._taps(a), self._taps(b))
+        return sum(head((fa - fb) ** 2).mean((1, 2, 3)) for head, fa, fb in pairs)
 
 
 def load_lpips(path: Path) -> LPIPS:
@@ -231,7 +231,7 @@ def maybe_lpips(cfg: Config) -> LPIPS | None:
 
 
 class PairData:
-    """Rows (sample, view) of a split: DINOv2 features (N, D) and the matching uint8 crop (3, 256, 256), joined by key."""
+    """Rows (sample, view) of a split: DINOv2 features (N, D) + the matching uint8 crop (3, 256, 256), joined by key."""
 
     def __init__(self, images: ImageShards, features: FeatureShards, split: str, cache_bytes: int):
         self.images, self.features, self.split = images, features, split
@@ -462,7 +462,8 @@ def load_state(out: Path, tr: Trainer) -> tuple[int, list[dict]]:
 
 
 @torch.no_grad()
-def evaluate(decoder: PixelDecoder, data: PairData, n: int, device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def evaluate(decoder: PixelDecoder, data: PairData, n: int,
+             device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """PSNR of `decoder` on the first n val rows (view 0) vs the mean-image baseline; returns (metrics, x, x_hat)."""
     rows = [i * data.views for i in range(min(n, data.num_samples))]
     feats, target = data.rows(rows)
@@ -488,7 +489,8 @@ def save_rae_dir(out: Path, tr: Trainer) -> dict:
     config["_class_name"] = "AutoencoderRAE"
     atomic_write_json(out / "config.json", config)
     atomic_write_bytes(out / WEIGHTS_NAME, save(_contiguous(tr.rae.state_dict())))
-    return {"name": WEIGHTS_NAME, "bytes": (out / WEIGHTS_NAME).stat().st_size, "sha256": file_sha256(out / WEIGHTS_NAME)}
+    path = out / WEIGHTS_NAME
+    return {"name": WEIGHTS_NAME, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 # ------------------------------------------------------------------------------------------------------------ stage

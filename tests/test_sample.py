@@ -124,6 +124,28 @@ def test_samples_npz_in_adm_format_with_protocol(reference, chain_dirs):
     assert grid.size == (2 * (128 + 2) + 2, 3 * (128 + 2) + 2)  # 3 class rows x 2 columns of 128 px thumbnails
 
 
+def _adm_read_batches(path: Path, name: str, batch: int) -> np.ndarray:
+    """The guided-diffusion evaluator's streaming read: open the zip member, parse the .npy header, read row blocks."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{name}.npy", "r") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        assert not fortran
+        row = int(np.prod(shape[1:])) * dtype.itemsize
+        out, left = [], shape[0]
+        while left:
+            n = min(batch, left)
+            out.append(np.frombuffer(f.read(n * row), dtype=dtype).reshape(n, *shape[1:]))
+            left -= n
+    return np.concatenate(out)
+
+
+def test_samples_npz_streams_like_the_adm_evaluator_reads_it(reference):
+    with np.load(reference / sm.SAMPLES) as z:
+        np.testing.assert_array_equal(_adm_read_batches(reference / sm.SAMPLES, "arr_0", batch=4), z["arr_0"])
+        np.testing.assert_array_equal(_adm_read_batches(reference / sm.SAMPLES, "arr_1", batch=4), z["arr_1"])
+
+
 def test_chain_matches_an_independent_recomputation(reference, chain_dirs):
     """Noise (seed, index) -> DiT EMA Euler/CFG -> x std + mean from latents.zarr -> FlatDINO decode -> RAE -> uint8."""
     from models.dit import load_dit
@@ -157,9 +179,10 @@ def test_batch_size_does_not_change_samples(reference, chain_dirs, tmp_path):
 
 def test_world_size_does_not_change_samples(reference, chain_dirs, tmp_path):
     cfg = _cfg(chain_dirs, tmp_path / "w2")
+    assert sm.run(cfg, dist=Dist(0, 2)) is None  # rank 0 writes chunk 0; chunk 1 is missing
     assert sm.run(cfg, dist=Dist(1, 2)) is None  # rank 1 writes chunk 1 only
     assert not (cfg.out / sm.SAMPLES).exists()
-    m = sm.run(cfg, dist=Dist(0, 2))  # rank 0 writes chunk 0 and assembles
+    m = sm.run(cfg, dist=Dist(0, 2))  # rank 0 again: nothing left to sample, assembles
     assert (cfg.out / sm.SAMPLES).read_bytes() == (reference / sm.SAMPLES).read_bytes()
     assert [s["sha256"] for s in m.shards] == [s["sha256"] for s in read_manifest(reference).shards]
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from models.encoder import (IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_NAME, FeatureEncoder, PixelDecoder, build_rae,
                             init_rae_dir, load_rae)
-from pipeline.manifest import ArtifactError, ConfigMismatch, UserError, read_manifest
+from pipeline.manifest import ArtifactError, ConfigMismatch, UserError
 from pipeline.runtime import torch_generator
 from pipeline.shards import FeatureShards, ImageShards
 from stages import train_decoder as td
@@ -244,7 +244,8 @@ def test_pair_data_joins_features_and_flipped_targets(images_artifact, features_
 
 def _cfg(images_artifact, features_artifact, encoder_dir, out, **kw) -> td.Config:
     base = dict(images=images_artifact, features=features_artifact, encoder=str(encoder_dir), out=out, steps=6,
-                preset="demo", batch_size=4, eval_every=3, checkpoint_every=2, eval_samples=4, grid_samples=3, lpips="off")
+                preset="demo", batch_size=4, eval_every=3, checkpoint_every=2, eval_samples=4, grid_samples=3,
+                lpips="off")
     return td.Config(**{**base, **kw})
 
 
@@ -255,7 +256,8 @@ def test_stage_writes_a_loadable_rae_dir_and_is_idempotent(tmp_path, images_arti
     rae = load_rae(cfg.out)
     assert FeatureEncoder(rae).fingerprint == m.extra["encoder_fingerprint"] == FeatureShards(
         features_artifact).encoder_fingerprint
-    assert PixelDecoder(rae).fingerprint == m.extra["decoder_fingerprint"] != PixelDecoder(load_rae(encoder_dir)).fingerprint
+    start = PixelDecoder(load_rae(encoder_dir)).fingerprint
+    assert PixelDecoder(rae).fingerprint == m.extra["decoder_fingerprint"] != start
     assert [h["step"] for h in m.extra["history"]] == [3, 6]
     assert (cfg.out / "grids" / "final.png").exists() and (cfg.out / "grids" / "step-0000003.png").exists()
     assert any((cfg.out / "tb").iterdir())
