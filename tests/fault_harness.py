@@ -15,8 +15,8 @@ runs the stage, then calls the stage's `run(cfg)`. A patched sink counts its cal
 Two ways to run a spec (a JSON-able dict, see `execute`):
 - `run_forked(spec)`: fork the already-initialised test process (torch imported once: a kill test costs the stage's
   work, not 10 s of imports) and wait for the child; returns (exit status, result dict).
-- `PYTHONPATH=. python tests/fault_harness.py SPEC.json`: a fresh interpreter, for wall-clock kills with Popen + SIGKILL and for
-  the two-writers test.
+- `PYTHONPATH=. python tests/fault_harness.py SPEC.json`: a fresh interpreter, for wall-clock kills with Popen +
+  SIGKILL.
 """
 
 from __future__ import annotations

@@ -14,15 +14,13 @@ import shutil
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import safetensors
 
 from fault_harness import make_features_artifact, make_latents_artifact, run_forked, snapshot
-from pipeline.manifest import (ArtifactError, ConfigMismatch, Manifest, OutputDir, TooManyFailures, UserError,
-                               read_manifest)
+from pipeline.manifest import ArtifactError, ConfigMismatch, TooManyFailures, UserError, read_manifest
 from pipeline.runtime import Dist
-from pipeline.shards import ImageShards, encode_int, encode_npy, index_tar_shard, read_tar_shard, write_tar_shard
+from pipeline.shards import ImageShards, encode_int, index_tar_shard, read_tar_shard, write_tar_shard
 from stages import classifier, features, images, train_dit
 
 
@@ -130,7 +128,8 @@ def _rewrite_sample(art: Path, fn) -> str:
     return samples[1]["__key__"]
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="stages/features.py: a sample without a .cls member raises a bare "
+@pytest.mark.xfail(strict=True, raises=KeyError,
+                   reason="stages/features.py: a sample without a .cls member raises a bare "
                    "KeyError('cls'); fix: in run(), build records with a check that raises ArtifactError(f'{shard}: "
                    "sample {key} has no cls member; re-run flatdino images')")
 def test_images_artifact_sample_without_class_is_named(tmp_path, images_artifact, encoder_dir):
@@ -141,7 +140,8 @@ def test_images_artifact_sample_without_class_is_named(tmp_path, images_artifact
         features.run(_features_cfg(art, encoder_dir, tmp_path / "f"), dist=Dist())
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="stages/features.py: a sample whose only member is not an image makes "
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="stages/features.py: a sample whose only member is not an image makes "
                    "_ext() raise StopIteration inside a generator -> bare RuntimeError; fix: _ext returns None and "
                    "the sample is recorded as failed {'key', 'reason': 'no image member'} (skipped and counted)")
 def test_images_artifact_non_image_member_is_skipped_and_counted(tmp_path, images_artifact, encoder_dir):
@@ -166,9 +166,10 @@ def _vae_cfg(feats: Path, out: Path):
                      lr_peak=2e-3, val_every=2, log_every=1, num_workers=1, device="cpu")
 
 
-@pytest.mark.xfail(strict=True, raises=UserError, reason="stages/train_vae.py: NaN features surface as NonFiniteLoss at update 0 "
-                   "('... or check the features') without naming the sample; fix: FeatureData checks np.isfinite per loaded "
-                   "sample and raises ArtifactError(f'{path}: sample {key} has non-finite features; re-run flatdino "
+@pytest.mark.xfail(strict=True, raises=UserError,
+                   reason="stages/train_vae.py: NaN features surface as NonFiniteLoss at update 0 "
+                   "('... or check the features') without naming the sample; fix: FeatureData checks np.isfinite "
+                   "per loaded sample and raises ArtifactError(f'{path}: sample {key} has non-finite features; re-run flatdino "
                    "features') (and features.py should count non-finite outputs as failed samples)")
 def test_nan_features_are_named_by_key(tmp_path):
     import stages.train_vae as tv
@@ -178,7 +179,8 @@ def test_nan_features_are_named_by_key(tmp_path):
         tv.run(_vae_cfg(feats, tmp_path / "vae"), dist=Dist())
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="stages/train_vae.py: a sample whose feature shape differs from the "
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="stages/train_vae.py: a sample whose feature shape differs from the "
                    "manifest's (V, N, D) fails inside np.stack with a bare ValueError; fix: check each decoded "
                    "sample's shape against (views, num_patches, dim) and raise ArtifactError naming the key")
 def test_wrong_shape_features_are_named_by_key(tmp_path):
@@ -222,7 +224,8 @@ def _dit_spec(latents) -> dict:
             "keep": 2, "log_every": 1, "device": "cpu"}
 
 
-@pytest.mark.xfail(strict=True, raises=safetensors.SafetensorError, reason="stages/train_dit.py load_checkpoint: a truncated model.safetensors in the "
+@pytest.mark.xfail(strict=True, raises=safetensors.SafetensorError,
+                   reason="stages/train_dit.py load_checkpoint: a truncated model.safetensors in the "
                    "latest checkpoint raises safetensors' bare SafetensorError; fix: wrap the loads and raise "
                    "ArtifactError(f'{ckpt}: unreadable checkpoint ({e}); delete this folder and re-run: training "
                    "resumes from the previous checkpoint') and let latest.json fall back to the newest readable one")
@@ -283,7 +286,8 @@ def test_rerun_with_another_config_is_refused_before_any_work(request, tmp_path,
     assert run().complete  # the original config is still a no-op
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigMismatch, reason="stages/classifier.py and stages/train_dit.py hash "
+@pytest.mark.xfail(strict=True, raises=ConfigMismatch,
+                   reason="stages/classifier.py and stages/train_dit.py hash "
                    "--out (and train_dit --latents) into the config, so an artifact moved to another directory is "
                    "refused as 'another config' and its fingerprint depends on where it was written; fix: mark "
                    "out/input paths runtime=True in their Config (inputs are pinned by fingerprint), as images and "
@@ -298,7 +302,8 @@ def test_a_moved_artifact_is_still_complete(request, tmp_path):
     assert again.fingerprint == m.fingerprint
 
 
-@pytest.mark.xfail(strict=True, raises=safetensors.SafetensorError, reason="stages/train_vae.py load_state: a "
+@pytest.mark.xfail(strict=True, raises=safetensors.SafetensorError,
+                   reason="stages/train_vae.py load_state: a "
                    "truncated state/model.safetensors raises safetensors' bare SafetensorError; fix: wrap the loads "
                    "and raise ArtifactError(f'{state}: unreadable training state ({e}); delete it to restart from "
                    "scratch, or restore it') naming the folder")

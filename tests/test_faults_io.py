@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fault_harness import (Injector, make_features_artifact, make_latents_artifact, run_forked, script_command, script_env, snapshot,
-                           start_forked, wait_for, wait_forked)
-from pipeline.manifest import MANIFEST, UserError, file_sha256, read_manifest
+from fault_harness import (Injector, make_features_artifact, make_latents_artifact, run_forked, script_command,
+                           script_env, snapshot, start_forked, wait_for, wait_forked)
+from pipeline.manifest import MANIFEST, UserError, read_manifest
 
 
 def cli_args(config: dict) -> list[str]:
@@ -96,10 +96,8 @@ ENOSPC = [("images", "tar", 2), ("images", "fsync", 3), ("features", "fsync", 1)
 
 
 @pytest.mark.parametrize("stage,sink,k", ENOSPC)
-def test_disk_full_is_a_clear_message_and_the_rerun_resumes(configs, tmp_path, monkeypatch, stage, sink, k):
+def test_disk_full_is_a_clear_message_and_the_rerun_resumes(configs, tmp_path, stage, sink, k):
     import importlib
-
-    import torch
 
     module_name, config = configs[stage]
     module = importlib.import_module(module_name)

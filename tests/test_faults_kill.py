@@ -8,18 +8,9 @@ same files (sha256) and manifest fingerprint as the clean run; for training, the
 
 from __future__ import annotations
 
-import json
-import os
-import random
-import signal
-import subprocess
-import time
-
 import pytest
 
-from fault_harness import (Case, kill_then_resume, make_features_artifact, make_latents_artifact, pick_k, reference_run, run_forked,
-                           script_command, script_env, snapshot)
-from pipeline.manifest import read_manifest
+from fault_harness import Case, kill_then_resume, make_features_artifact, make_latents_artifact, pick_k, reference_run
 
 SHARD_SINKS = ("tar", "atomic", "replace", "fsync", "tar_member")
 TRAIN_SINKS = ("save_file", "torch_save", "atomic", "replace")
@@ -119,8 +110,8 @@ def _fid_ref_case(request) -> Case:
 
 
 CASES = {"images": _images_case, "fid_ref": _fid_ref_case, "train_decoder": _train_decoder_case, "sample": _sample_case,
-         "reconstruct": _reconstruct_case, "train_vae": _train_vae_case, "latents": _latents_case, "features": _features_case, "train_classifier": _classifier_case,
-         "train_dit": _train_dit_case}
+         "reconstruct": _reconstruct_case, "train_vae": _train_vae_case, "latents": _latents_case,
+         "features": _features_case, "train_classifier": _classifier_case, "train_dit": _train_dit_case}
 
 # (stage, sink, action, seed): the default set covers every stage at a shard/checkpoint rename, mid-write and
 # after-write; the slow set adds seeds and every sink.
@@ -149,7 +140,8 @@ TORN = ("tar", "atomic", "save_file", "torch_save", "tar_member")  # sinks where
 SLOW = [(stage, sink, action, 1) for stage, sinks in
         [("images", SHARD_SINKS), ("features", SHARD_SINKS), ("train_classifier", OUTPUT_SINKS),
          ("train_dit", TRAIN_SINKS), ("train_vae", VAE_SINKS), ("latents", ("zarr", "atomic", "replace")),
-         ("train_decoder", OUTPUT_SINKS), ("sample", OUTPUT_SINKS), ("reconstruct", OUTPUT_SINKS), ("fid_ref", OUTPUT_SINKS)]
+         ("train_decoder", OUTPUT_SINKS), ("sample", OUTPUT_SINKS), ("reconstruct", OUTPUT_SINKS),
+         ("fid_ref", OUTPUT_SINKS)]
         for sink in sinks for action in ("kill_before", "kill_during", "kill_after")
         if (action != "kill_during" or sink in TORN) and (stage, sink, action, 1) not in FAST]
 
