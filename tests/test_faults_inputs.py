@@ -169,8 +169,8 @@ def _vae_cfg(feats: Path, out: Path):
 @pytest.mark.xfail(strict=True, raises=UserError,
                    reason="stages/train_vae.py: NaN features surface as NonFiniteLoss at update 0 "
                    "('... or check the features') without naming the sample; fix: FeatureData checks np.isfinite "
-                   "per loaded sample and raises ArtifactError(f'{path}: sample {key} has non-finite features; re-run flatdino "
-                   "features') (and features.py should count non-finite outputs as failed samples)")
+                   "per loaded sample and raises ArtifactError(f'{path}: sample {key} has non-finite features; "
+                   "re-run flatdino features') (and features.py should count non-finite outputs as failed samples)")
 def test_nan_features_are_named_by_key(tmp_path):
     import stages.train_vae as tv
 
