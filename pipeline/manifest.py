@@ -218,6 +218,7 @@ class OutputDir:
     def __enter__(self) -> "OutputDir":
         if not self.is_main:
             _barrier()  # rank 0 has checked, wiped (--overwrite) and stamped the directory
+            self.path.mkdir(parents=True, exist_ok=True)  # (emulated ranks in tests may come first)
             self._check_existing(read_only=True)
             return self
         self.path.mkdir(parents=True, exist_ok=True)
