@@ -23,7 +23,8 @@ from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.manifest import ArtifactError, Manifest, OutputDir, TooManyFailures
 from pipeline.runtime import (Dist, autocast, barrier, current_dist, environment, get_logger, progress,
                               resolve_device)
-from pipeline.shards import ImageShards, encode_int, encode_npy, for_rank, load_rgb, read_tar_shard, write_tar_shard
+from pipeline.shards import (IMAGE_EXTS, ImageShards, encode_int, encode_npy, for_rank, load_rgb, read_tar_shard,
+                             write_tar_shard)
 
 log = get_logger(__name__)
 
@@ -47,9 +48,21 @@ class Config:
                                                         runtime=True))
 
 
+def _records(path: Path) -> Iterator[tuple]:
+    """(key, cls, image bytes or None) for each sample of an image shard; a sample without a class is structural."""
+    for s in read_tar_shard(path):
+        if "cls" not in s:
+            raise ArtifactError(f"{path}: sample {s['__key__']} has no cls member; re-run `flatdino images` "
+                                f"to rewrite this shard")
+        ext = next((e for e in IMAGE_EXTS if e in s), None)
+        yield s["__key__"], int(s["cls"]), None if ext is None else s[ext]
+
+
 def _decode(item: tuple) -> tuple:
-    """(pos, key, cls, bytes, ext) -> (key, cls, uint8 (3, 256, 256) or the error message)."""
-    _, key, cls, data, _ = item
+    """(key, cls, bytes or None) -> (key, cls, uint8 (3, 256, 256) or the error message)."""
+    key, cls, data = item
+    if data is None:
+        return key, cls, "no image member (jpg/png/webp/bmp) in this sample"
     try:
         return key, cls, pil_to_uint8(adm_center_crop(load_rgb(data)))
     except ValueError as e:
@@ -96,6 +109,9 @@ def _shard_samples(encoder, cfg: Config, records: Iterator, pool, failures: list
     for keys, classes, x in _batches(decoded, cfg.batch_size, failures):
         feats = encode_views(encoder, x, cfg.views, cfg.precision).numpy()
         for key, cls, f in zip(keys, classes, feats):
+            if not np.isfinite(f).all():  # fp16 overflow or a broken encoder: never store it silently
+                failures.append({"key": key, "reason": "non-finite features (float16 overflow?)"})
+                continue
             yield {"__key__": key, "feat.npy": encode_npy(f), "cls": encode_int(cls)}
         bar.update(len(keys))
 
@@ -122,20 +138,14 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest:
         with ThreadPoolExecutor(cfg.num_workers) as pool:
             for shard in todo:
                 failures: list[dict] = []
-                records = ((0, s["__key__"], int(s["cls"]), s[_ext(s)], _ext(s))
-                           for s in read_tar_shard(images.root / shard["name"]))
-                rec = write_tar_shard(od.path / _out_name(shard),
-                                      _shard_samples(encoder, cfg, records, pool, failures, bar))
+                rec = write_tar_shard(od.path / _out_name(shard), _shard_samples(
+                    encoder, cfg, _records(images.root / shard["name"]), pool, failures, bar))
                 od.commit({**rec, "split": shard["split"], "source": shard["name"], "failed": failures})
         bar.close()
         barrier(dist)
         if not dist.is_main:
             return None
         return _finish(od, cfg, images, encoder, plan, time.time() - t0)
-
-
-def _ext(sample: dict) -> str:
-    return next(e for e in ("jpg", "jpeg", "png", "webp", "bmp") if e in sample)
 
 
 def _out_name(image_shard: dict) -> str:

@@ -128,10 +128,6 @@ def _rewrite_sample(art: Path, fn) -> str:
     return samples[1]["__key__"]
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="stages/features.py: a sample without a .cls member raises a bare "
-                   "KeyError('cls'); fix: in run(), build records with a check that raises ArtifactError(f'{shard}: "
-                   "sample {key} has no cls member; re-run flatdino images')")
 def test_images_artifact_sample_without_class_is_named(tmp_path, images_artifact, encoder_dir):
     art = tmp_path / "img"
     shutil.copytree(images_artifact, art)
@@ -140,10 +136,6 @@ def test_images_artifact_sample_without_class_is_named(tmp_path, images_artifact
         features.run(_features_cfg(art, encoder_dir, tmp_path / "f"), dist=Dist())
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="stages/features.py: a sample whose only member is not an image makes "
-                   "_ext() raise StopIteration inside a generator -> bare RuntimeError; fix: _ext returns None and "
-                   "the sample is recorded as failed {'key', 'reason': 'no image member'} (skipped and counted)")
 def test_images_artifact_non_image_member_is_skipped_and_counted(tmp_path, images_artifact, encoder_dir):
     art = tmp_path / "img"
     shutil.copytree(images_artifact, art)
