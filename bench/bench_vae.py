@@ -65,7 +65,7 @@ def reconstruction(vae_dir: str, features: str, split: str, batch: int, device: 
                  (recon - x).square().mean((1, 2)).sum().item(),
                  F.huber_loss(recon, x, reduction="none").mean((1, 2)).sum().item()]
         n += len(x)
-    return {"samples": n, "cosine": sums[0] / n, "mse": sums[1] / n, "huber": sums[2] / n,
+    return {"samples": n, "cosine": float(sums[0] / n), "mse": float(sums[1] / n), "huber": float(sums[2] / n),
             "best_step": manifest.extra["best_step"]}
 
 
