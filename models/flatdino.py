@@ -298,7 +298,7 @@ def load_weights(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tu
     ckpt_dir = Path(ckpt_dir)
     cfg = config_from_json(json.loads((ckpt_dir / "config.json").read_text())["model"])
     model = FlatDINO(cfg)
-    model.load_state_dict(load_file(ckpt_dir / "model.safetensors", device=str(device)), strict=True)
+    model.load_state_dict(load_file(ckpt_dir / "model.safetensors"), strict=True)  # on CPU, then moved
     return model.to(device).eval(), cfg
 
 

@@ -560,9 +560,9 @@ def load_state(out: Path, model: FlatDINO, opt, device) -> dict | None:
     if not (state / "trainer.json").exists():
         return None
     trainer = json.loads((state / "trainer.json").read_text())
-    model.load_state_dict(load_file(state / "model.safetensors", device=str(device)), strict=True)
-    opt.load_state_dict(optimizer_state_dict(load_file(state / "optimizer.safetensors", device=str(device)),
-                                             trainer.pop("optimizer")))
+    model.load_state_dict(load_file(state / "model.safetensors"), strict=True)  # CPU first: "cpu:0" is not a
+    opt.load_state_dict(optimizer_state_dict(load_file(state / "optimizer.safetensors"),  # safetensors device
+                                             trainer.pop("optimizer")))  # Optimizer.load_state_dict moves state
     return trainer
 
 
