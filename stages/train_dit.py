@@ -227,8 +227,10 @@ def _apply_update(state: TrainState, cfg: Config, step: int, per_sample: torch.T
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def save_checkpoint(out: Path, state: TrainState, ckpt_config: dict, history: list, acc, keep: int) -> Path:
-    """Write checkpoints/<step>/ atomically (tmp folder + rename), point latest.json at it, prune old ones."""
+def save_checkpoint(out: Path, state: TrainState, ckpt_config: dict, history: list, acc, keep: int,
+                    latent_stats: dict[str, torch.Tensor]) -> Path:
+    """Write checkpoints/<step>/ atomically (every file in a tmp folder, then one rename), point latest.json at it,
+    prune old ones."""
     step = ckpt_config["step"]
     root = out / "checkpoints"
     final, tmp = root / f"{step:09d}", root / f".tmp-{step:09d}"
@@ -237,17 +239,27 @@ def save_checkpoint(out: Path, state: TrainState, ckpt_config: dict, history: li
     model = acc.unwrap_model(state.model)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     save_file({k: v.contiguous() for k, v in state.ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+    save_file({k: v.contiguous() for k, v in latent_stats.items()}, str(tmp / "latent_stats.safetensors"))
     (tmp / "config.json").write_text(json.dumps(ckpt_config, indent=2, sort_keys=True))
     torch.save(state.opt.state_dict(), tmp / "state" / "optimizer.pt")
     (tmp / "state" / "state.json").write_text(json.dumps({"step": step, "history": history}))
     _fsync_tree(tmp)
-    if final.exists():  # a re-save of the same step (e.g. the final one): replace it
+    if final.exists():  # a re-save of the same step (e.g. after falling back from a damaged one): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_json(out / LATEST, {"step": step, "path": f"checkpoints/{final.name}"})
-    for old in sorted(p for p in root.iterdir() if not p.name.startswith("."))[:-keep]:
-        shutil.rmtree(old)
+    _prune(root, final.name, keep)
     return final
+
+
+def _prune(root: Path, newest: str, keep: int) -> None:
+    """Keep the last `keep` checkpoints up to `newest`; later ones are left by an abandoned run (a resume that fell
+    back from a damaged checkpoint) and are re-made as training reaches them."""
+    names = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+    kept = [n for n in names if n <= newest][-keep:]
+    for name in names:
+        if name not in kept:
+            shutil.rmtree(root / name)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -367,10 +379,8 @@ def setup(cfg: Config, data: LatentData):
 
 
 def save(cfg: Config, state: TrainState, ctx: RunContext, data: LatentData, step: int, history: list) -> Path:
-    ckpt = save_checkpoint(cfg.out, state, checkpoint_config(cfg, ctx.dit, data, step), history,
-                           ctx.accelerator, cfg.keep)
-    save_file({"mean": data.mean.contiguous(), "std": data.std.contiguous()}, str(ckpt / "latent_stats.safetensors"))
-    return ckpt
+    return save_checkpoint(cfg.out, state, checkpoint_config(cfg, ctx.dit, data, step), history,
+                           ctx.accelerator, cfg.keep, {"mean": data.mean, "std": data.std})
 
 
 def run(cfg: Config) -> Manifest:
@@ -411,12 +421,19 @@ def run(cfg: Config) -> Manifest:
         if not dist.is_main:
             return None
         if start == cfg.steps:  # everything was already trained; (re)publish from the latest checkpoint
-            last_ckpt = cfg.out / json.loads((cfg.out / LATEST).read_text())["path"]
+            last_ckpt = _latest_checkpoint(cfg)
         publish_final(cfg.out, last_ckpt)
         plot_loss(history, cfg.out / "loss.png")
         if writer is not None:
             writer.close()
         return od.finish(_manifest(cfg, ctx, data, history, time.time() - t0))
+
+
+def _latest_checkpoint(cfg: Config) -> Path:
+    """latest.json's checkpoint, after the pruning that a run killed right after writing latest.json missed."""
+    ckpt = cfg.out / json.loads((cfg.out / LATEST).read_text())["path"]
+    _prune(ckpt.parent, ckpt.name, cfg.keep)
+    return ckpt
 
 
 def _writer(cfg: Config, dist: Dist):

@@ -145,11 +145,7 @@ SLOW = [(stage, sink, action, 1) for stage, sinks in
         for sink in sinks for action in ("kill_before", "kill_during", "kill_after")
         if (action != "kill_during" or sink in TORN) and (stage, sink, action, 1) not in FAST]
 
-LATENT_STATS_BUG = ("stages/train_dit.py writes latent_stats.safetensors after the checkpoint folder is renamed and "
-                    "latest.json points at it (see test_kill_between_checkpoint_commit_and_latent_stats)")
 KNOWN_BUGS = {
-    ("train_dit", "save_file", "kill_during", 1): LATENT_STATS_BUG,
-    ("train_dit", "replace", "kill_after", 1): LATENT_STATS_BUG,
     ("train_vae", "atomic", "kill_during", 1): (
         "stages/train_vae.py writes loss.png after the final state/ checkpoint: killed in between, the re-run finds "
         "the schedule done, never rewrites loss.png (stale) and leaves loss.png.tmp; fix: write loss.png before "
@@ -187,9 +183,6 @@ def test_kill_and_rerun_is_byte_identical_more_points(reference, stage, sink, ac
     kill_then_resume(case, ref, ref.out.with_name("out"), sink, action, pick_k(ref, case, sink, action, seed))
 
 
-@pytest.mark.xfail(strict=True, reason="train_dit writes latent_stats.safetensors after the checkpoint folder is "
-                   "renamed and latest.json points at it: killed in between, the final checkpoint lacks it and the "
-                   "re-run's publish_final fails with FileNotFoundError (fix: save it inside the .tmp folder)")
 def test_kill_between_checkpoint_commit_and_latent_stats(reference):
     case, ref = reference("train_dit")
     last = ref.calls["save_file"]  # model, ema, latent_stats per checkpoint: the last call is the final latent_stats
