@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -33,13 +34,15 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.dit import PRESETS, DiT, DiTConfig, config_to_dict
 from models.flow import default_kappa, draw, flow_loss
 from pipeline.config import command_from_config, config_to_dict as cfg_dict, opt
 from pipeline.latents_store import open_latents
-from pipeline.manifest import Manifest, OutputDir, UserError, atomic_write_json, require_complete
+from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, atomic_write_json,
+                               require_complete)
 from pipeline.runtime import Dist, autocast, environment, get_logger, progress, resolve_precision, torch_generator
 
 BETAS = (0.9, 0.95)  # SPEC 7.3
@@ -269,20 +272,69 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
+class SavedState(NamedTuple):
+    """A checkpoint's training state, read in full before any of it is applied."""
+
+    model: dict
+    ema: dict
+    opt: dict
+    step: int
+    history: list
+
+
 def load_checkpoint(out: Path, state: TrainState, acc) -> tuple[int, list]:
-    """Restore model, EMA and optimizer from latest.json; returns (step, loss history). (0, []) if none."""
+    """Restore model, EMA and optimizer from latest.json; returns (step, loss history). (0, []) if none.
+
+    If latest.json's checkpoint is unreadable (a damaged disk, a copy cut short), resume from the newest older
+    one that reads, with a warning; if none does, an ArtifactError names it and says what to do."""
     if not (out / LATEST).exists():
         return 0, []
-    latest = json.loads((out / LATEST).read_text())
-    ckpt = out / latest["path"]
-    device = acc.device
-    acc.unwrap_model(state.model).load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
-    state.ema.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=str(device)))
-    opt_state = torch.load(ckpt / "state" / "optimizer.pt", map_location=device, weights_only=True)
-    state.opt.load_state_dict(opt_state)
-    meta = json.loads((ckpt / "state" / "state.json").read_text())
-    assert meta["step"] == latest["step"], f"{ckpt}: state step {meta['step']} != latest.json {latest['step']}"
-    return meta["step"], meta["history"]
+    latest = out / json.loads((out / LATEST).read_text())["path"]
+    saved = _newest_readable([latest, *_older_checkpoints(latest)], acc.device)
+    acc.unwrap_model(state.model).load_state_dict(saved.model)
+    state.ema.load_state_dict(saved.ema)
+    state.opt.load_state_dict(saved.opt)
+    return saved.step, saved.history
+
+
+def _older_checkpoints(ckpt: Path) -> list[Path]:
+    """The committed checkpoints before `ckpt`, newest first."""
+    if not ckpt.parent.is_dir():
+        return []
+    return sorted((p for p in ckpt.parent.iterdir() if not p.name.startswith(".") and p.name < ckpt.name),
+                  reverse=True)
+
+
+def _newest_readable(candidates: list[Path], device) -> SavedState:
+    errors = []
+    for ckpt in candidates:
+        try:
+            saved = read_checkpoint(ckpt, device)
+        except ArtifactError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            get_logger(__name__).warning("%s; resuming from %s instead (later steps are retrained and their "
+                                         "checkpoints rewritten)", "; ".join(errors), ckpt)
+        return saved
+    out = candidates[0].parent.parent
+    raise ArtifactError(f"{errors[0]}; there is no older readable checkpoint. Restore it, or delete "
+                        f"{out / 'checkpoints'} and {out / LATEST} (or re-run with --overwrite) to train from step 0")
+
+
+def read_checkpoint(ckpt: Path, device) -> SavedState:
+    """Every training-state file of checkpoints/<step>/; ArtifactError naming the folder if one is unreadable."""
+    try:
+        model = load_file(str(ckpt / "model.safetensors"), device=str(device))
+        ema = load_file(str(ckpt / "ema.safetensors"), device=str(device))
+        opt = torch.load(ckpt / "state" / "optimizer.pt", map_location=device, weights_only=True)
+        meta = json.loads((ckpt / "state" / "state.json").read_text())
+        step, history = meta["step"], meta["history"]
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise ArtifactError(f"{ckpt}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    if ckpt.name != f"{step:09d}":
+        raise ArtifactError(f"{ckpt}: unreadable checkpoint (its state.json says step {step})")
+    return SavedState(model, ema, opt, step, history)
 
 
 def publish_final(out: Path, ckpt: Path) -> None:

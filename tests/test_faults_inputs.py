@@ -216,11 +216,6 @@ def _dit_spec(latents) -> dict:
             "keep": 2, "log_every": 1, "device": "cpu"}
 
 
-@pytest.mark.xfail(strict=True, raises=safetensors.SafetensorError,
-                   reason="stages/train_dit.py load_checkpoint: a truncated model.safetensors in the "
-                   "latest checkpoint raises safetensors' bare SafetensorError; fix: wrap the loads and raise "
-                   "ArtifactError(f'{ckpt}: unreadable checkpoint ({e}); delete this folder and re-run: training "
-                   "resumes from the previous checkpoint') and let latest.json fall back to the newest readable one")
 def test_half_written_checkpoint_is_named(latents, tmp_path):
     out = tmp_path / "dit"
     _interrupted_dit(latents, out, tmp_path)

@@ -1,0 +1,83 @@
+"""train-dit resume from damaged checkpoints, and outputs/inputs pinned by content rather than by path."""
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from pipeline.manifest import ArtifactError
+from stages import train_dit
+from test_train_dit import Killed, assert_same, config, make_latents, weights
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    return make_latents(tmp_path_factory.mktemp("latents"))
+
+
+@pytest.fixture(scope="module")
+def reference(latents, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    return out, train_dit.run(config(latents, out))
+
+
+def _killed_after_step_4(latents, out, monkeypatch):
+    """Checkpoints 2 and 4 on disk, latest.json -> 4, no manifest."""
+    real = train_dit.train_step
+
+    def dies_at_step_5(state, data, cfg, step, ctx):
+        if step == 4:
+            raise Killed()
+        return real(state, data, cfg, step, ctx)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_dit, "train_step", dies_at_step_5)
+        with pytest.raises(Killed):
+            train_dit.run(config(latents, out))
+
+
+@pytest.fixture
+def warnings(caplog):
+    root = logging.getLogger("flatdino")  # does not propagate to the root logger caplog listens on
+    root.addHandler(caplog.handler)
+    yield caplog
+    root.removeHandler(caplog.handler)
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "state/optimizer.pt", "missing"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, latents, tmp_path, monkeypatch,
+                                                                  warnings, damage):
+    out = tmp_path / "run"
+    _killed_after_step_4(latents, out, monkeypatch)
+    ckpt = out / "checkpoints" / "000000004"
+    if damage == "missing":  # e.g. killed between removing a re-saved step and renaming its replacement
+        shutil.rmtree(ckpt)
+    else:
+        (ckpt / damage).write_bytes((ckpt / damage).read_bytes()[:200])
+    assert train_dit.run(config(latents, out)).complete
+    for got, want in zip(weights(out), weights(reference[0])):  # replayed from step 2: bitwise the same
+        assert_same(got, want)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000004", "000000006"]
+    (warning,) = [r.getMessage() for r in warnings.records if r.levelno == logging.WARNING]
+    assert "000000004: unreadable checkpoint" in warning and "resuming from" in warning
+    assert warning.rstrip(")").split("resuming from ")[1].startswith(str(out / "checkpoints" / "000000002"))
+
+
+def test_no_readable_checkpoint_is_a_clear_error(latents, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _killed_after_step_4(latents, out, monkeypatch)
+    for step in ("000000002", "000000004"):
+        (out / "checkpoints" / step / "ema.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(ArtifactError, match=r"000000004: unreadable checkpoint.*no older readable.*--overwrite"):
+        train_dit.run(config(latents, out))
+    assert json.loads((out / "latest.json").read_text())["step"] == 4  # nothing was touched
