@@ -53,8 +53,10 @@ LATEST = "latest.json"
 
 @dataclass(frozen=True)
 class Config:
-    latents: Path = field(metadata=opt("latents artifact directory (holds latents.zarr and manifest.json)"))
-    out: Path = field(metadata=opt("output directory for checkpoints, logs and the manifest"))
+    # paths are runtime knobs (artifacts may move); the latents are pinned by fingerprint in the output's config
+    latents: Path = field(metadata=opt("latents artifact directory (holds latents.zarr and manifest.json)",
+                                       runtime=True))
+    out: Path = field(metadata=opt("output directory for checkpoints, logs and the manifest", runtime=True))
     preset: str = field(default="XL", metadata=opt(f"DiT preset: one of {', '.join(PRESETS)}"))
     steps: int = field(default=1_000_911, metadata=opt("optimizer steps in total (official default: 800 epochs)"))
     global_batch: int = field(default=1024, metadata=opt("samples per optimizer step, over all processes"))
@@ -438,7 +440,9 @@ def save(cfg: Config, state: TrainState, ctx: RunContext, data: LatentData, step
 def run(cfg: Config) -> Manifest:
     """Train (or resume) to `cfg.steps` optimizer steps; returns the manifest of the finished run."""
     log = get_logger(__name__)
-    with OutputDir(cfg.out, "train_dit", cfg_dict(cfg, semantic_only=True), overwrite=cfg.overwrite) as od:
+    config = {**cfg_dict(cfg, semantic_only=True),
+              "latents_fingerprint": require_complete(cfg.latents, "latents").fingerprint}
+    with OutputDir(cfg.out, "train_dit", config, overwrite=cfg.overwrite) as od:
         if od.done:
             log.info("%s: already complete (step %d)", cfg.out, od.manifest.extra["step"])
             return od.manifest

@@ -225,10 +225,6 @@ def test_half_written_checkpoint_is_named(latents, tmp_path):
         train_dit.run(_dit_cfg(latents, out))
 
 
-@pytest.mark.xfail(strict=True, reason="stages/train_dit.py: the output's config hash holds the latents *path*, not "
-                   "its fingerprint, so latents rebuilt in place (another VAE) resume the old run silently; fix: "
-                   "OutputDir config = {**cfg_dict(cfg, semantic_only=True), 'latents_fingerprint': "
-                   "manifest.fingerprint} (read before OutputDir), with latents/out marked runtime")
 def test_resume_on_other_latents_in_the_same_place_is_refused(latents, tmp_path):
     out = tmp_path / "dit"
     _interrupted_dit(latents, out, tmp_path)

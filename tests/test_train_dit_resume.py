@@ -64,7 +64,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, lat
         shutil.rmtree(ckpt)
     else:
         (ckpt / damage).write_bytes((ckpt / damage).read_bytes()[:200])
-    assert train_dit.run(config(latents, out)).complete
+    assert train_dit.run(config(latents, out)).fingerprint == reference[1].fingerprint
     for got, want in zip(weights(out), weights(reference[0])):  # replayed from step 2: bitwise the same
         assert_same(got, want)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000004", "000000006"]
@@ -81,3 +81,13 @@ def test_no_readable_checkpoint_is_a_clear_error(latents, tmp_path, monkeypatch)
     with pytest.raises(ArtifactError, match=r"000000004: unreadable checkpoint.*no older readable.*--overwrite"):
         train_dit.run(config(latents, out))
     assert json.loads((out / "latest.json").read_text())["step"] == 4  # nothing was touched
+
+
+def test_moved_run_and_latents_are_still_complete(reference, latents, tmp_path):
+    """Paths are runtime knobs: a run and its latents copied elsewhere are the same artifact, a no-op re-run."""
+    out, lat = tmp_path / "moved" / "run", tmp_path / "moved" / "latents"
+    shutil.copytree(reference[0], out)
+    shutil.copytree(latents, lat)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert train_dit.run(config(lat, out)).fingerprint == reference[1].fingerprint
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
