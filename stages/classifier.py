@@ -34,8 +34,10 @@ LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, as PIL's "L" conversion
 
 @dataclass(frozen=True)
 class Config:
-    images: Path = field(metadata=opt("images artifact with 'train' and 'val' splits (flatdino images --out)"))
-    out: Path = field(metadata=opt("output directory, e.g. shards/classifier/demo"))
+    # paths are runtime knobs (artifacts may move); the images are pinned by fingerprint in the output's config
+    images: Path = field(metadata=opt("images artifact with 'train' and 'val' splits (flatdino images --out)",
+                                      runtime=True))
+    out: Path = field(metadata=opt("output directory, e.g. shards/classifier/demo", runtime=True))
     grid: int = field(default=8, metadata=opt("side of the area-averaged grayscale grid (8 = the digits' own)"))
     c: float = field(default=1.0, metadata=opt("inverse L2 regularisation strength of the logistic regression"))
     max_iter: int = field(default=2000, metadata=opt("L-BFGS iterations"))
@@ -112,7 +114,7 @@ def run(cfg: Config) -> Manifest:
     """Fit on the train split, score on val, store the coefficients and the accuracies."""
     t0 = time.time()
     images = ImageShards(cfg.images)
-    config = {**config_to_dict(cfg, semantic_only=True), "images": images.manifest.fingerprint}
+    config = {**config_to_dict(cfg, semantic_only=True), "images_fingerprint": images.manifest.fingerprint}
     with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite) as od:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)

@@ -269,12 +269,6 @@ def test_rerun_with_another_config_is_refused_before_any_work(request, tmp_path,
     assert run().complete  # the original config is still a no-op
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigMismatch,
-                   reason="stages/classifier.py and stages/train_dit.py hash "
-                   "--out (and train_dit --latents) into the config, so an artifact moved to another directory is "
-                   "refused as 'another config' and its fingerprint depends on where it was written; fix: mark "
-                   "out/input paths runtime=True in their Config (inputs are pinned by fingerprint), as images and "
-                   "features do")
 def test_a_moved_artifact_is_still_complete(request, tmp_path):
     run, out, _ = _mismatch_cases(request, tmp_path)["train_classifier"]
     m = run()
