@@ -13,8 +13,11 @@ Departures and choices:
   EMA, optimizer and step and replays exactly (bitwise on CPU), and the draws do not depend on the world size or
   the micro-batch.
 - Checkpoints: `<out>/checkpoints/<step>/` written to a temporary folder and renamed (atomic), last `keep` kept;
-  `<out>/latest.json` (atomic) names the newest; resume reads it. At the end `<out>/ckpt/` holds the final
-  inference checkpoint (model, EMA, config, latent stats) consumed by `sample` through `models.dit.load_dit`.
+  `<out>/latest.json` (atomic) names the newest; resume reads it, and falls back (with a warning) to the newest
+  older checkpoint that reads if that one is damaged. At the end `<out>/ckpt/` holds the final inference
+  checkpoint (model, EMA, config, latent stats) consumed by `sample` through `models.dit.load_dit`.
+- `--latents` and `--out` are runtime knobs: the output's config pins the latents by fingerprint, so artifacts
+  may move, and latents rebuilt in place (another VAE) are refused rather than resumed.
 """
 
 from __future__ import annotations
