@@ -21,8 +21,8 @@ IMAGES_ARGS   ?=
 FEATURES_ARGS ?=
 VAE_ARGS      ?= $(if $(filter demo,$(RUN)),--preset demo --variant demo,)
 LATENTS_ARGS  ?=
-DIT_ARGS      ?= $(if $(filter demo,$(RUN)),--preset T --recipe demo,--preset XL)
-DECODER_ARGS  ?= $(if $(filter demo,$(RUN)),--recipe demo,)
+DIT_ARGS      ?= $(if $(filter demo,$(RUN)),--preset T --global-batch 64 --lr 2e-3 --ema-decay 0.99 --kappa 2 --steps 400 --ckpt-every 100,--preset XL)
+DECODER_ARGS  ?= $(if $(filter demo,$(RUN)),--preset demo,)
 SAMPLE_ARGS   ?= $(if $(filter demo,$(RUN)),--per-class 20,--per-class 50)
 FID_ARGS      ?=
 
