@@ -22,7 +22,7 @@ FEATURES_ARGS ?=
 VAE_ARGS      ?= $(if $(filter demo,$(RUN)),--preset demo --variant demo,)
 LATENTS_ARGS  ?=
 DIT_ARGS      ?= $(if $(filter demo,$(RUN)),--preset T --global-batch 64 --lr 2e-3 --ema-decay 0.99 --kappa 2 --steps 400 --ckpt-every 100,--preset XL)
-DECODER_ARGS  ?= $(if $(filter demo,$(RUN)),--preset demo,)
+DECODER_ARGS  ?= $(if $(filter demo,$(RUN)),--preset demo,--steps 0 --decoder-size same)# ImageNet: package the pretrained RAE decoder as is
 SAMPLE_ARGS   ?= $(if $(filter demo,$(RUN)),--per-class 20,--per-class 50)
 FID_ARGS      ?=
 
@@ -50,7 +50,7 @@ ENCODER_DEP := $(if $(wildcard $(ENCODER)),,$(if $(findstring $(S)/encoder/,$(EN
 DEMO_CLASSIFIER := $(if $(filter digits,$(DATA)),--classifier $(S)/classifier/$(RUN),)
 
 .PHONY: help install test test-slow test-gpu demo images features train-vae latents train-dit decoder sample \
-        fid fid-ref classifier reconstruct flops bench clean-demo
+        fid fid-ref classifier reconstruct rfid flops bench clean-demo
 
 help: ## show this help
 	@echo "FlatDINO pipeline: images -> features -> train-vae -> latents -> train-dit -> sample -> fid"
@@ -133,6 +133,10 @@ $(METRICS): $(SAMPLES_M) $(FIDREF_M) $(if $(DEMO_CLASSIFIER),$(CLASSIFIER_M),)
 reconstruct: $(VAE_M) $(DECODER_M) ## originals vs RAE vs FlatDINO reconstructions of the val split (for rFID)
 	$(FLATDINO) reconstruct --images $(S)/images/$(RUN) --features $(S)/features/$(RUN) --vae $(S)/vae/$(RUN) \
 		--decoder $(S)/decoder/$(RUN) --out $(S)/reconstruct/$(RUN)
+
+rfid: reconstruct ## rFID / FD-DINOv2 of the FlatDINO reconstructions against their originals
+	$(LAUNCH) fid --samples $(S)/reconstruct/$(RUN)/flatdino.npz --reference $(S)/reconstruct/$(RUN)/originals.npz \
+		--encoder $(ENCODER) --out $(S)/rfid/$(RUN) $(FID_ARGS)
 
 flops: $(INSTALLED) ## parameters and GMACs per forward / training step, 32x128 latents vs 256x768 grids
 	$(FLATDINO) flops
