@@ -40,7 +40,7 @@ def current_dist() -> Dist:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CUDA-less hosts, else it reports 1 process
         return Dist(state.process_index, state.num_processes)
     return Dist()
 
