@@ -142,6 +142,7 @@ flops: $(INSTALLED) ## parameters and GMACs per forward / training step, 32x128 
 	$(FLATDINO) flops
 
 bench: $(INSTALLED) ## benchmarks that print figures (see bench/RESULTS.md)
+	$(BIN)/python bench/plot_flops.py
 	$(BIN)/python bench/bench_features.py
 	$(BIN)/python bench/bench_vae.py
 	$(BIN)/python bench/bench_dit.py
