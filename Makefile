@@ -144,8 +144,10 @@ flops: $(INSTALLED) ## parameters and GMACs per forward / training step, 32x128 
 bench: $(INSTALLED) ## benchmarks that print figures (see bench/RESULTS.md)
 	$(BIN)/python bench/plot_flops.py
 	$(BIN)/python bench/bench_features.py
-	$(BIN)/python bench/bench_vae.py
-	$(BIN)/python bench/bench_dit.py
+	$(BIN)/python bench/bench_vae.py throughput --presets 32-tt-128 --batch 8 --steps 3
+	$(BIN)/python bench/bench_dit.py --preset S --batch 8
+	@test -f $(VAE_M) && $(BIN)/python bench/bench_vae.py recon --vae $(S)/vae/$(RUN) --features $(S)/features/$(RUN) \
+		|| echo "(make train-vae first for the reconstruction-quality benchmark)"
 
 clean-demo: ## delete the demo's artifacts (shards/*/demo)
 	rm -rf $(S)/*/demo
