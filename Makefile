@@ -77,7 +77,9 @@ test-gpu: $(INSTALLED) ## CUDA-only tests (bf16, xformers parity); needs a GPU
 
 demo: $(METRICS) ## the whole chain on the bundled digits with tiny presets (CPU, minutes)
 	@echo
-	@echo "demo complete. Look at:"
+	@if [ -f $(S)/fid/$(RUN)/.ran ]; then rm $(S)/fid/$(RUN)/.ran; echo "demo complete."; \
+	 else echo "demo: nothing to do, every stage's artifact is complete (make clean-demo to start again)."; fi
+	@echo "Look at:"
 	@echo "  sample grid   $(S)/samples/$(RUN)/grid.png"
 	@echo "  metrics       $(METRICS)"
 	@echo "  VAE losses    $(S)/vae/$(RUN)/loss.png   (tensorboard --logdir $(S))"
@@ -129,6 +131,7 @@ fid: $(METRICS) ## FID / IS / precision / recall / FD-DINOv2 (+ class-consistenc
 $(METRICS): $(SAMPLES_M) $(FIDREF_M) $(if $(DEMO_CLASSIFIER),$(CLASSIFIER_M),)
 	$(LAUNCH) fid --samples $(S)/samples/$(RUN) --reference $(S)/fid-ref/$(RUN) --encoder $(ENCODER) \
 		--out $(S)/fid/$(RUN) $(DEMO_CLASSIFIER) $(FID_ARGS)
+	@touch $(S)/fid/$(RUN)/.ran
 
 reconstruct: $(VAE_M) $(DECODER_M) ## originals vs RAE vs FlatDINO reconstructions of the val split (for rFID)
 	$(FLATDINO) reconstruct --images $(S)/images/$(RUN) --features $(S)/features/$(RUN) --vae $(S)/vae/$(RUN) \
