@@ -556,15 +556,21 @@ def save_state(out: Path, model: FlatDINO, opt, trainer: dict) -> None:
 
 def load_state(out: Path, model: FlatDINO, opt, device) -> dict | None:
     """Restore weights and optimizer from `<out>/state/`; returns the trainer dict, or None for a fresh run."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     state = out / "state"
     if not (state / "trainer.json").exists():
         return None
-    trainer = json.loads((state / "trainer.json").read_text())
-    model.load_state_dict(load_file(state / "model.safetensors"), strict=True)  # CPU first: "cpu:0" is not a
-    opt.load_state_dict(optimizer_state_dict(load_file(state / "optimizer.safetensors"),  # safetensors device
-                                             trainer.pop("optimizer")))  # Optimizer.load_state_dict moves state
+    try:
+        trainer = json.loads((state / "trainer.json").read_text())
+        weights, moments = load_file(state / "model.safetensors"), load_file(state / "optimizer.safetensors")
+    except (OSError, ValueError, SafetensorError) as e:  # a truncated or missing file; JSONDecodeError is a ValueError
+        raise ArtifactError(f"{state}: unreadable training state ({e}); delete {state} to restart training from "
+                            "update 0 (best/ and last/ stay until the new run replaces them), or pass --overwrite "
+                            "to wipe the whole run") from e
+    model.load_state_dict(weights, strict=True)  # loaded on CPU ("cpu:0" is not a safetensors device);
+    opt.load_state_dict(optimizer_state_dict(moments, trainer.pop("optimizer")))  # load_state_dict moves the state
     return trainer
 
 
