@@ -737,10 +737,11 @@ def _events(model, opt, data, plan, cfg, trainer, meta, out, dist, device, preci
 
 
 def _checkpoint(model, opt, trainer: dict, meta: dict, out: Path, dist: Dist) -> None:
+    """last/, loss.png, then state/: state/ is the commit record, so a kill before it redoes all three."""
     if dist.is_main:
         save_weights(out, "last", model, {**meta, "step": trainer["step"]})
-        save_state(out, model, opt, trainer)
         write_loss_png(out, trainer)
+        save_state(out, model, opt, trainer)
     barrier(dist)
 
 

@@ -145,12 +145,7 @@ SLOW = [(stage, sink, action, 1) for stage, sinks in
         for sink in sinks for action in ("kill_before", "kill_during", "kill_after")
         if (action != "kill_during" or sink in TORN) and (stage, sink, action, 1) not in FAST]
 
-KNOWN_BUGS = {
-    ("train_vae", "atomic", "kill_during", 1): (
-        "stages/train_vae.py writes loss.png after the final state/ checkpoint: killed in between, the re-run finds "
-        "the schedule done, never rewrites loss.png (stale) and leaves loss.png.tmp; fix: write loss.png before "
-        "save_state in _checkpoint, or again in _finish"),
-}
+KNOWN_BUGS: dict = {}
 SLOW = [pytest.param(*p, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[p])) if p in KNOWN_BUGS else p
         for p in SLOW]
 
