@@ -248,8 +248,22 @@ class FeatureData(TrainData):
         fits = (self.num_train + self.num_val) * per_sample <= cache_bytes
         self.cache = {s: self._load_all(s) for s in ("train", "val")} if fits else None
 
+    def _checked(self, key: str, feats: np.ndarray) -> np.ndarray:
+        """`feats` if it is a finite (V, N, D) array, else an ArtifactError naming the sample."""
+        expected = (self.views, self.num_patches, self.dim)
+        if feats.shape != expected:
+            raise ArtifactError(f"{self.path}: sample {key} has features of shape {feats.shape}, expected "
+                                f"{expected}; re-run flatdino features")
+        if not np.isfinite(feats).all():
+            raise ArtifactError(f"{self.path}: sample {key} has non-finite features; re-run flatdino features")
+        return feats
+
     def _load_all(self, split: str) -> np.ndarray:
-        return np.stack([f for _, _, _, f in self.shards.iter(split)])  # (n, V, N, D) float16
+        return np.stack([self._checked(k, f) for _, k, _, f in self.shards.iter(split)])  # (n, V, N, D) float16
+
+    def _get(self, i: int, split: str) -> np.ndarray:
+        key, _, feats = self.shards.get(i, split)
+        return self._checked(key, feats)
 
     def _feats(self, split: str, samples: np.ndarray) -> np.ndarray:
         if self.cache is not None:
@@ -258,7 +272,7 @@ class FeatureData(TrainData):
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(self.num_workers)
-        return np.stack(list(self._pool.map(lambda i: self.shards.get(int(i), split)[2], samples)))
+        return np.stack(list(self._pool.map(lambda i: self._get(int(i), split), samples)))
 
     def prefetch(self, ranges: list[range]) -> None:
         """Start reading the given train positions in the background (only when not cached in RAM)."""
