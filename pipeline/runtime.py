@@ -103,6 +103,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def stage_device(name: str, dist: Dist) -> torch.device:
+    """This process's device: accelerate's (one GPU per process) when launched on several, else `name` resolved."""
+    if dist.world > 1 and name in ("auto", "cuda"):
+        from accelerate import PartialState
+
+        return PartialState().device
+    return resolve_device(name)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' -> bf16 on CUDA with bf16 support, fp32 otherwise."""
     if precision != "auto":

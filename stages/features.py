@@ -22,7 +22,7 @@ from models.encoder import FeatureEncoder, adm_center_crop, init_rae_dir, load_r
 from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.manifest import ArtifactError, Manifest, OutputDir, TooManyFailures
 from pipeline.runtime import (Dist, autocast, barrier, current_dist, environment, get_logger, progress,
-                              resolve_device)
+                              stage_device)
 from pipeline.shards import (IMAGE_EXTS, ImageShards, encode_int, encode_npy, for_rank, load_rgb, read_tar_shard,
                              write_tar_shard)
 
@@ -130,7 +130,7 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest
-        device = resolve_device(cfg.device)
+        device = stage_device(cfg.device, dist)
         encoder = FeatureEncoder(rae).to(device).eval()
         plan = [s for s in images.manifest.shards]
         todo = [s for s in for_rank(plan, dist) if _out_name(s) not in od.committed()]

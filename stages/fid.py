@@ -33,7 +33,7 @@ from pipeline import metrics
 from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, atomic_write_json,
                                file_sha256, read_manifest, require_complete)
-from pipeline.runtime import Dist, barrier, current_dist, environment, get_logger, progress, resolve_device
+from pipeline.runtime import Dist, barrier, current_dist, environment, get_logger, progress, stage_device
 from pipeline.shards import ImageShards, ShardSpec, for_rank, plan_shards
 from stages.classifier import DigitClassifier, load_classifier
 
@@ -338,7 +338,7 @@ def run_ref(cfg: RefConfig, dist: Dist | None = None) -> Manifest | None:
     n = shards.num_samples(cfg.split)
     if n < 2:
         raise ArtifactError(f"{cfg.images}: the {cfg.split!r} split has {n} images; statistics need at least 2")
-    device = resolve_device(cfg.device)
+    device = stage_device(cfg.device, dist)
     ex = load_extractors(cfg.inception_weights, cfg.download, cfg.encoder, None, device)
     config = {**config_to_dict(cfg, semantic_only=True), "images": shards.manifest.fingerprint,
               "inception": _available(ex.inception_info, "sha256"),
@@ -507,7 +507,7 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
     """Features of the samples (and of ADM reference images), then every metric; main writes metrics.json."""
     dist, t0 = dist or current_dist(), time.time()
     samples, ref = open_samples(cfg.samples), open_reference(cfg.reference)
-    device = resolve_device(cfg.device)
+    device = stage_device(cfg.device, dist)
     ex = load_extractors(cfg.inception_weights, cfg.download, cfg.encoder, cfg.classifier, device)
     check_compatible(ref, ex)
     config = {**config_to_dict(cfg, semantic_only=True), "samples": samples.fingerprint, "reference": ref.fingerprint,

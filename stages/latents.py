@@ -27,7 +27,7 @@ import torch
 from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.latents_store import STORE, create_latents, finalize_stats, write_rows
 from pipeline.manifest import ArtifactError, Manifest, OutputDir, atomic_write_json
-from pipeline.runtime import Dist, autocast, barrier, environment, get_logger, progress, resolve_device
+from pipeline.runtime import Dist, autocast, barrier, environment, get_logger, progress, stage_device
 from pipeline.shards import FeatureShards, ShardSpec, for_rank, plan_shards
 
 log = get_logger(__name__)
@@ -106,21 +106,13 @@ def write_shard(out: Path, shard: ShardSpec, views: int, rows: dict[str, np.ndar
     return record
 
 
-def _device(cfg: Config, dist: Dist) -> torch.device:
-    if dist.world > 1 and torch.distributed.is_initialized():
-        from accelerate import PartialState
-
-        return PartialState().device
-    return resolve_device(cfg.device)
-
-
 def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
     """Encode this rank's shards; the main process finishes the statistics and the manifest when all are in."""
     from stages.train_vae import init_dist, load_flatdino
 
     dist, t0 = dist or init_dist(), time.time()
     feats = FeatureShards(cfg.features)
-    device = _device(cfg, dist)
+    device = stage_device(cfg.device, dist)
     model, vae_cfg, vae_m = load_flatdino(cfg.vae, cfg.weights, device)
     check_compatible(feats, vae_m, vae_cfg, cfg.features, cfg.vae)
     n, v = feats.num_samples(cfg.split), feats.views

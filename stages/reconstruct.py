@@ -24,9 +24,9 @@ from models.encoder import FeatureEncoder, PixelDecoder, load_rae
 from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.grids import save_grid
 from pipeline.manifest import ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, file_sha256
-from pipeline.runtime import Dist, autocast, barrier, current_dist, environment, get_logger, progress
+from pipeline.runtime import Dist, autocast, barrier, current_dist, environment, get_logger, progress, stage_device
 from pipeline.shards import FeatureShards, ImageShards, for_rank, plan_shards
-from stages.sample import npz_bytes, rows_from_chunks, stage_device, write_npz_streaming
+from stages.sample import npz_bytes, rows_from_chunks, write_npz_streaming
 from stages.train_decoder import PairData, psnr
 
 log = get_logger(__name__)

@@ -32,7 +32,7 @@ from pipeline.latents_store import open_latents
 from pipeline.manifest import ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, file_sha256, \
     require_complete
 from pipeline.runtime import (Dist, autocast, barrier, current_dist, environment, get_logger, progress,
-                              resolve_device)
+                              stage_device)
 from pipeline.shards import for_rank, plan_shards
 
 log = get_logger(__name__)
@@ -186,15 +186,6 @@ def load_chain(cfg: Config, device: torch.device) -> Chain:
 
 
 # ------------------------------------------------------------------------------------------------------- sampling
-
-
-def stage_device(name: str, dist: Dist) -> torch.device:
-    """This process's device: accelerate's (one GPU per process) when launched on several, else `name` resolved."""
-    if dist.world > 1 and name in ("auto", "cuda"):
-        from accelerate import PartialState
-
-        return PartialState().device
-    return resolve_device(name)
 
 
 @torch.no_grad()
