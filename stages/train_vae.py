@@ -41,7 +41,7 @@ from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, file_sha256,
                                require_complete)
 from pipeline.runtime import (Dist, autocast, barrier, current_dist, environment, get_logger, progress,
-                              resolve_device, resolve_precision, stable_seed, torch_generator)
+                              resolve_precision, stage_device, stable_seed, torch_generator)
 from pipeline.shards import FeatureShards, ImageShards, load_rgb
 
 log = get_logger(__name__)
@@ -662,14 +662,6 @@ def init_dist() -> Dist:
     return current_dist()
 
 
-def _device(cfg: Config, dist: Dist) -> torch.device:
-    if dist.world > 1 and torch.distributed.is_initialized():
-        from accelerate import PartialState
-
-        return PartialState().device
-    return resolve_device(cfg.device)
-
-
 def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
     """Train (or resume) a FlatDINO VAE; returns the manifest when the schedule is complete, else None."""
     dist, t0 = dist or init_dist(), time.time()
@@ -683,7 +675,7 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
             return od.manifest
         if dist.is_main:
             recover_dirs(od.path)
-        device = _device(cfg, dist)
+        device = stage_device(cfg.device, dist)
         precision = resolve_precision(cfg.precision, device)
         data.setup(device, precision)
         model = build_model(model_cfg, cfg.seed, device)

@@ -15,7 +15,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import safetensors
 
 from fault_harness import make_features_artifact, make_latents_artifact, run_forked, snapshot
 from pipeline.manifest import ArtifactError, ConfigMismatch, TooManyFailures, UserError, read_manifest
