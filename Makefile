@@ -66,10 +66,10 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED) ## create .venv and install the project (torch 2.14.1) into it
 
-test: $(INSTALLED) ## the quick offline test suite (a few minutes on 2 CPU cores)
+test: $(INSTALLED) ## the quick offline test suite (about 6 minutes on 2 CPU cores)
 	$(BIN)/pytest -q -m "not slow and not gpu"
 
-test-slow: $(INSTALLED) ## the slow tests (multi-process launches, longer training); CI runs them too
+test-slow: $(INSTALLED) ## the slow tests (multi-process launches, fault variants; ~4 min); CI runs them too
 	$(BIN)/pytest -q -m "slow and not gpu"
 
 test-gpu: $(INSTALLED) ## CUDA-only tests (bf16, xformers parity); needs a GPU
