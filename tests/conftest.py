@@ -31,6 +31,17 @@ def make_image_folder(root: Path, per_class: int = 8, classes=("cat", "dog", "fi
     return root
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny matmuls: intra-op threads only add contention on a shared CPU (use via `usefixtures`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def encoder_dir(tmp_path_factory) -> Path:
     """A random-weight tiny RAE directory (DINOv2-reg 192-wide, 2 layers; 2-layer pixel decoder)."""

@@ -24,12 +24,7 @@ CLASSES = ["zero", "one", "two"]
 N_LATENTS = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_vae(root: Path, encoder_dir: Path, seed: int = 0) -> Path:
