@@ -297,6 +297,18 @@ class OutputDir:
                 out[rec["name"]] = rec
         return out
 
+    def collect(self, names: list[str]) -> list[dict] | None:
+        """The committed records of `names`, in that order; None (and a log line) while some are still missing,
+        i.e. other ranks have not finished their share: the next run of the same command completes the artifact."""
+        committed = self.committed()
+        missing = [n for n in names if n not in committed]
+        if missing:
+            logging.getLogger("flatdino.manifest").info(
+                "%s: %d of %d parts still missing (other ranks); run again to finish", self.path, len(missing),
+                len(names))
+            return None
+        return [committed[n] for n in names]
+
     def commit(self, record: dict) -> None:
         """Mark one shard as finished by writing its record atomically (after the shard itself is in place)."""
         atomic_write_json(self.path / (record["name"] + RECORD_SUFFIX), record)

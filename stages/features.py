@@ -133,7 +133,8 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest:
         device = stage_device(cfg.device, dist)
         encoder = FeatureEncoder(rae).to(device).eval()
         plan = [s for s in images.manifest.shards]
-        todo = [s for s in for_rank(plan, dist) if _out_name(s) not in od.committed()]
+        committed = od.committed()
+        todo = [s for s in for_rank(plan, dist) if _out_name(s) not in committed]
         bar = progress(sum(s["count"] for s in todo), "features", "img", dist)
         with ThreadPoolExecutor(cfg.num_workers) as pool:
             for shard in todo:
@@ -153,12 +154,9 @@ def _out_name(image_shard: dict) -> str:
 
 
 def _finish(od: OutputDir, cfg: Config, images: ImageShards, encoder: FeatureEncoder, plan, seconds) -> Manifest | None:
-    committed = od.committed()
-    missing = [_out_name(s) for s in plan if _out_name(s) not in committed]
-    if missing:
-        log.info("%d shards still missing (other ranks); run again to finish", len(missing))
+    shards = od.collect([_out_name(s) for s in plan])
+    if shards is None:
         return None
-    shards = [committed[_out_name(s)] for s in plan]
     failures = [f for s in shards for f in s["failed"]]
     total = sum(s["count"] for s in plan)
     if total and len(failures) / total > cfg.max_failed_fraction:

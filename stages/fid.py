@@ -283,10 +283,7 @@ class Gathered(NamedTuple):
 
 def gather(od: OutputDir, plan: list[ShardSpec]) -> Gathered | None:
     """Merge committed blocks in plan order; None while some block is still missing (another rank)."""
-    done = od.committed()
-    missing = [_block_name(s) for s in plan if _block_name(s) not in done]
-    if missing:
-        log.info("%d blocks still missing (other ranks); run again to finish", len(missing))
+    if od.collect([_block_name(s) for s in plan]) is None:
         return None
     parts: dict[str, list] = {}
     moments: dict[str, list] = {}

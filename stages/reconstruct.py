@@ -153,7 +153,8 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
             raise ArtifactError(f"{cfg.features}: split {cfg.split!r} holds no samples")
         data = PairData(images, features, cfg.split, cache_bytes=0)
         plan = plan_shards(n, cfg.chunk_size, "chunk")
-        todo = [s for s in for_rank(plan, dist) if chunk_name(s.index) not in od.committed()]
+        committed = od.committed()
+        todo = [s for s in for_rank(plan, dist) if chunk_name(s.index) not in committed]
         bar = progress(sum(len(s) for s in todo), "reconstruct", "img", dist)
         for spec in todo:
             od.commit(write_chunk(od.path, vae, decoder, data, cfg, spec, bar))
@@ -161,11 +162,9 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
         barrier(dist)
         if not dist.is_main:
             return None
-        committed = od.committed()
-        if any(chunk_name(s.index) not in committed for s in plan):
-            log.info("chunks of other ranks are still missing; run again to finish")
+        records = od.collect([chunk_name(s.index) for s in plan])
+        if records is None:
             return None
-        records = [committed[chunk_name(s.index)] for s in plan]
         outputs = assemble(od.path, records, n)
         shown = list(range(min(cfg.grid_samples, n)))
         save_grid(od.path / GRID, [rows_from_chunks(od.path, records, shown, k) for k in OUTPUTS], size=128)

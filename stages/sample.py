@@ -285,12 +285,9 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
         barrier(dist)
         if not dist.is_main:
             return None
-        committed = od.committed()
-        missing = [chunk_name(s.index) for s in plan if chunk_name(s.index) not in committed]
-        if missing:
-            log.info("%d chunks still missing (other ranks); run again to finish", len(missing))
+        records = od.collect([chunk_name(s.index) for s in plan])
+        if records is None:
             return None
-        records = [committed[chunk_name(s.index)] for s in plan]
         final = assemble(od.path, records, n)
         shown = grid_indices(chain.num_classes, cfg.per_class, cfg.grid_classes, cfg.grid_columns)
         save_grid(od.path / GRID, [rows_from_chunks(od.path, records, r) for r in shown], size=GRID_IMAGE_SIZE)
