@@ -13,17 +13,18 @@ RUN     ?= demo# run name: artifacts go to shards/<stage>/$(RUN)
 DATA    ?= digits# 'digits', an ImageFolder dir, or a quoted tar glob
 NPROC   ?= 1# processes per machine (GPUs); >1 uses accelerate launch --multi_gpu
 ENCODER ?= shards/encoder/$(RUN)# RAE dir or hub id; the demo writes a random tiny one
-ENCODER_PRESET ?= tiny
+ENCODER_PRESET ?= $(if $(filter demo,$(RUN)),demo,tiny)# init-encoder preset when ENCODER is shards/encoder/...
 VIEWS   ?= $(if $(filter demo,$(RUN)),1,2)# the demo's digits must not be mirrored
 SEED    ?= 0
 
 IMAGES_ARGS   ?=
 FEATURES_ARGS ?=
-VAE_ARGS      ?= $(if $(filter demo,$(RUN)),--preset demo --variant demo,)
+VAE_ARGS      ?= $(if $(filter demo,$(RUN)),--preset demo --variant demo --standardize,)
 LATENTS_ARGS  ?=
-DIT_ARGS      ?= $(if $(filter demo,$(RUN)),--preset T --global-batch 64 --lr 2e-3 --ema-decay 0.99 --kappa 2 --steps 400 --ckpt-every 100,--preset XL)
+DIT_ARGS      ?= $(if $(filter demo,$(RUN)),--preset T --global-batch 64 --lr 2e-3 --ema-decay 0.995 --kappa 2 --steps 2000 --ckpt-every 500,--preset XL)
 DECODER_ARGS  ?= $(if $(filter demo,$(RUN)),--preset demo,--steps 0 --decoder-size same)# ImageNet: package the pretrained RAE decoder as is
 SAMPLE_ARGS   ?= $(if $(filter demo,$(RUN)),--per-class 20,--per-class 50)
+CFG           ?= 2.0# guidance scale of `make sample` (the official sampling script's example; the paper does not publish its w); `make fid-unguided` is w = 1
 FID_ARGS      ?=
 
 S := shards
@@ -37,6 +38,8 @@ SAMPLES_M  := $(S)/samples/$(RUN)/manifest.json
 FIDREF_M   := $(S)/fid-ref/$(RUN)/manifest.json
 CLASSIFIER_M := $(S)/classifier/$(RUN)/manifest.json
 METRICS    := $(S)/fid/$(RUN)/metrics.json
+SAMPLES_U_M := $(S)/samples/$(RUN)-unguided/manifest.json
+METRICS_U  := $(S)/fid/$(RUN)-unguided/metrics.json
 INSTALLED  := $(VENV)/.installed
 
 FLATDINO := $(BIN)/flatdino
@@ -50,13 +53,13 @@ ENCODER_DEP := $(if $(wildcard $(ENCODER)),,$(if $(findstring $(S)/encoder/,$(EN
 DEMO_CLASSIFIER := $(if $(filter digits,$(DATA)),--classifier $(S)/classifier/$(RUN),)
 
 .PHONY: help install test test-slow test-gpu demo images features train-vae latents train-dit decoder sample \
-        fid fid-ref classifier reconstruct rfid flops bench clean-demo
+        sample-unguided fid fid-unguided fid-ref classifier reconstruct rfid flops bench clean-demo
 
 help: ## show this help
 	@echo "FlatDINO pipeline: images -> features -> train-vae -> latents -> train-dit -> sample -> fid"
 	@echo "Variables: RUN=$(RUN) DATA=$(DATA) ENCODER=$(ENCODER) NPROC=$(NPROC) VIEWS=$(VIEWS)"
 	@echo
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(INSTALLED): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -75,15 +78,17 @@ test-slow: $(INSTALLED) ## the slow tests (multi-process launches, fault variant
 test-gpu: $(INSTALLED) ## CUDA-only tests (bf16, xformers parity); needs a GPU
 	$(BIN)/pytest -q -m gpu
 
-demo: $(METRICS) ## the whole chain on the bundled digits with tiny presets (CPU, minutes)
+demo: $(METRICS) $(METRICS_U) ## the whole chain on the bundled digits with tiny presets (CPU, minutes)
 	@echo
-	@if [ -f $(S)/fid/$(RUN)/.ran ]; then rm $(S)/fid/$(RUN)/.ran; echo "demo complete."; \
+	@if [ -f $(S)/fid/.ran-$(RUN) ]; then rm $(S)/fid/.ran-$(RUN); echo "demo complete."; \
 	 else echo "demo: nothing to do, every stage's artifact is complete (make clean-demo to start again)."; fi
 	@echo "Look at:"
 	@echo "  sample grid   $(S)/samples/$(RUN)/grid.png"
 	@echo "  metrics       $(METRICS)"
 	@echo "  VAE losses    $(S)/vae/$(RUN)/loss.png   (tensorboard --logdir $(S))"
-	@$(BIN)/python -c "import json; m = json.load(open('$(METRICS)')); print('  summary      ', m.get('summary', ''))"
+	@echo "  unguided      $(METRICS_U)"
+	@$(BIN)/python -c "import json; m = json.load(open('$(METRICS)')); print('  w = $(CFG)  ', m.get('summary', ''))"
+	@$(BIN)/python -c "import json; m = json.load(open('$(METRICS_U)')); print('  w = 1    ', m.get('summary', ''))"
 
 images: $(IMAGES_M) ## image shards from DATA
 $(IMAGES_M): | $(INSTALLED)
@@ -117,7 +122,12 @@ $(DECODER_M): $(IMAGES_M) $(FEATURES_M)
 sample: $(SAMPLES_M) ## class-balanced samples: samples.npz (ADM format) + grid.png
 $(SAMPLES_M): $(DIT_M) $(VAE_M) $(DECODER_M)
 	$(LAUNCH) sample --dit $(S)/dit/$(RUN) --vae $(S)/vae/$(RUN) --decoder $(S)/decoder/$(RUN) \
-		--out $(S)/samples/$(RUN) --seed $(SEED) $(SAMPLE_ARGS)
+		--out $(S)/samples/$(RUN) --seed $(SEED) --cfg-scale $(CFG) $(SAMPLE_ARGS)
+
+sample-unguided: $(SAMPLES_U_M) ## the same samples without guidance (w = 1), for the paper's gFID without CFG
+$(SAMPLES_U_M): $(DIT_M) $(VAE_M) $(DECODER_M)
+	$(LAUNCH) sample --dit $(S)/dit/$(RUN) --vae $(S)/vae/$(RUN) --decoder $(S)/decoder/$(RUN) \
+		--out $(S)/samples/$(RUN)-unguided --seed $(SEED) $(SAMPLE_ARGS) --cfg-scale 1
 
 classifier: $(CLASSIFIER_M) ## the demo's digit classifier, trained on the real training images
 $(CLASSIFIER_M): $(IMAGES_M)
@@ -131,7 +141,13 @@ fid: $(METRICS) ## FID / IS / precision / recall / FD-DINOv2 (+ class-consistenc
 $(METRICS): $(SAMPLES_M) $(FIDREF_M) $(if $(DEMO_CLASSIFIER),$(CLASSIFIER_M),)
 	$(LAUNCH) fid --samples $(S)/samples/$(RUN) --reference $(S)/fid-ref/$(RUN) --encoder $(ENCODER) \
 		--out $(S)/fid/$(RUN) $(DEMO_CLASSIFIER) $(FID_ARGS)
-	@touch $(S)/fid/$(RUN)/.ran
+	@touch $(S)/fid/.ran-$(RUN)
+
+fid-unguided: $(METRICS_U) ## the same metrics for the unguided samples
+$(METRICS_U): $(SAMPLES_U_M) $(FIDREF_M) $(if $(DEMO_CLASSIFIER),$(CLASSIFIER_M),)
+	$(LAUNCH) fid --samples $(S)/samples/$(RUN)-unguided --reference $(S)/fid-ref/$(RUN) --encoder $(ENCODER) \
+		--out $(S)/fid/$(RUN)-unguided $(DEMO_CLASSIFIER) $(FID_ARGS)
+	@touch $(S)/fid/.ran-$(RUN)
 
 reconstruct: $(VAE_M) $(DECODER_M) ## originals vs RAE vs FlatDINO reconstructions of the val split (for rFID)
 	$(FLATDINO) reconstruct --images $(S)/images/$(RUN) --features $(S)/features/$(RUN) --vae $(S)/vae/$(RUN) \
@@ -152,5 +168,5 @@ bench: $(INSTALLED) ## benchmarks that print figures (see bench/RESULTS.md)
 	@test -f $(VAE_M) && $(BIN)/python bench/bench_vae.py recon --vae $(S)/vae/$(RUN) --features $(S)/features/$(RUN) \
 		|| echo "(make train-vae first for the reconstruction-quality benchmark)"
 
-clean-demo: ## delete the demo's artifacts (shards/*/demo)
-	rm -rf $(S)/*/demo
+clean-demo: ## delete the demo's artifacts (shards/*/demo*)
+	rm -rf $(S)/*/demo $(S)/*/demo-unguided $(S)/fid/.ran-demo

@@ -2,7 +2,8 @@
 
 Side by side in one run, same batch size and precision:
   1. bare encoder: preprocess + DINOv2 forward on already-decoded uint8 crops (the model's ceiling);
-  2. end to end: `features.run` on an images artifact (decode, ADM crop, forward, float16, tar write, fsync).
+  2. end to end: `features.run` on an images artifact (decode, ADM crop, forward, float16, tar write, fsync), timed
+     by the stage itself from its first batch (the one-time weight load is reported separately).
 Prints images/s of both and their ratio (target >= 0.9), then peak RSS of end-to-end runs on N and 2N images in
 fresh subprocesses (flat memory means the ratio stays near 1).
 
@@ -57,13 +58,14 @@ def bare_encoder(images_dir: Path, encoder_dir: Path, batch: int, precision: str
     return len(x) / (time.perf_counter() - t0)
 
 
-def end_to_end(images_dir: Path, encoder_dir: Path, out: Path, batch: int, precision: str) -> float:
+def end_to_end(images_dir: Path, encoder_dir: Path, out: Path, batch: int, precision: str) -> tuple[float, float]:
+    """(loop images/s, wall images/s): the stage's own timing of its decode -> forward -> write loop, which excludes
+    the one-time weight load (the bare encoder run just before warmed the kernels), and the whole call's rate."""
     cfg = features.Config(images=images_dir, encoder=str(encoder_dir), out=out, views=1, batch_size=batch,
                           precision=precision, num_workers=2)
-    features.run(features.Config(**{**cfg.__dict__, "out": out.with_name("warm")}), dist=Dist())  # warm-up run
     t0 = time.perf_counter()
     m = features.run(cfg, dist=Dist())
-    return m.counts["written"] / (time.perf_counter() - t0)
+    return m.timings["images_per_second"], m.counts["written"] / (time.perf_counter() - t0)
 
 
 def peak_rss_mb(n: int, preset: str, batch: int) -> float:
@@ -87,15 +89,17 @@ def main() -> None:
         root = Path(tmp)
         imgs, enc = make_artifacts(root, args.images, args.encoder_preset)
         bare = bare_encoder(imgs, enc, args.batch_size, args.precision)
-        e2e = end_to_end(imgs, enc, root / "features", args.batch_size, args.precision)
+        e2e, e2e_wall = end_to_end(imgs, enc, root / "features", args.batch_size, args.precision)
     rss = {n: peak_rss_mb(n, args.encoder_preset, args.batch_size) for n in (args.images, 2 * args.images)}
     result = {"encoder": args.encoder_preset, "batch": args.batch_size, "precision": args.precision,
               "bare_encoder_img_s": round(bare, 2), "end_to_end_img_s": round(e2e, 2),
+              "end_to_end_with_load_img_s": round(e2e_wall, 2),
               "ratio_end_to_end_over_bare": round(e2e / bare, 3),
               "peak_rss_mb": {str(k): round(v, 1) for k, v in rss.items()},
               "rss_ratio_2n_over_n": round(rss[2 * args.images] / rss[args.images], 3)}
     print(f"features ({args.encoder_preset}, batch {args.batch_size}, {args.precision}): bare encoder {bare:.1f} img/s, "
-          f"end to end {e2e:.1f} img/s, ratio {e2e / bare:.2f} (target >= 0.9)")
+          f"end to end {e2e:.1f} img/s, ratio {e2e / bare:.2f} (target >= 0.9); with the one-time weight load "
+          f"{e2e_wall:.1f} img/s")
     print(f"peak RSS: {rss[args.images]:.0f} MB for {args.images} images, {rss[2 * args.images]:.0f} MB for "
           f"{2 * args.images} (ratio {rss[2 * args.images] / rss[args.images]:.2f})")
     print(json.dumps(result))

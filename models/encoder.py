@@ -35,13 +35,17 @@ IMAGE_SIZE = 256  # ADM centre crop and pixel-decoder output
 HUB_ID = "nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08"
 
 # AutoencoderRAE constructor arguments per preset. "dinov2-b-xl" is the architecture of the paper's components
-# (DINOv2-B/14 with registers + RAE ViT-XL decoder); "tiny" keeps the same classes and token grid for tests and the
-# demo: (256, 192) features (3 heads of 64; the encoder fixes head_dim at 64), a 2-layer 128-wide decoder.
+# (DINOv2-B/14 with registers + RAE ViT-XL decoder); "tiny" keeps the same classes and token grid for tests:
+# (256, 192) features (3 heads of 64; the encoder fixes head_dim at 64), a 2-layer 128-wide decoder. "demo" is "tiny"
+# at 112 px: an 8 x 8 grid of (64, 192) features (one 14-px patch per pixel of the 8 x 8 digits) and a pixel decoder
+# with 32-px patches, so the 2-core demo trains 4x fewer tokens per sample.
+_TINY = dict(encoder_hidden_size=192, encoder_num_hidden_layers=2, decoder_hidden_size=128,
+             decoder_num_hidden_layers=2, decoder_num_attention_heads=4, decoder_intermediate_size=512)
 PRESETS: dict[str, dict] = {
     "dinov2-b-xl": dict(encoder_hidden_size=768, encoder_num_hidden_layers=12, decoder_hidden_size=1152,
                         decoder_num_hidden_layers=28, decoder_num_attention_heads=16, decoder_intermediate_size=4096),
-    "tiny": dict(encoder_hidden_size=192, encoder_num_hidden_layers=2, decoder_hidden_size=128,
-                 decoder_num_hidden_layers=2, decoder_num_attention_heads=4, decoder_intermediate_size=512),
+    "tiny": _TINY,
+    "demo": dict(_TINY, encoder_input_size=112, patch_size=32),
 }
 COMMON = dict(encoder_type="dinov2", encoder_patch_size=14, patch_size=16, encoder_input_size=224,
               reshape_to_2d=True, noise_tau=0.0)

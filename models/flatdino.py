@@ -13,6 +13,11 @@ D (only when width != D). Read-out: tokens [R, R+N).
 Deliberate departures:
 - The encoder's output projection is applied to the T read-out tokens only (the official code projects every token
   and then discards N of them); the values are identical, the discarded matmul is skipped.
+- Optional input standardisation (`standardize=True`, train-vae `--standardize`; off by default, on in the CPU
+  demo): the encoder sees (X - mean) / max(std, 0.1) per patch position and channel, with statistics of the training features stored
+  as buffers in the checkpoint; the reconstruction target and loss stay the raw features. Random-weight DINO
+  features of the demo digits are dominated by their per-position mean (most patches are background), and without
+  this the encoder does not leave the mean-prediction plateau within a CPU budget (bench/RESULTS.md).
 - Loss knobs (beta, free bits, KL annealing) live in the training config, not in `FlatDINOConfig`, so that one
   architecture config describes a checkpoint whatever loss trained it. The `-klvarN`, `-tanh`, `-hl` and `-ilN`
   grammar options are not implemented ("nothing else" than KL weight, annealing, free bits, disposable registers).
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 from models.layers import Attention, LayerNorm, SwiGLU, init_linears_, trunc_normal_
 
 LN_EPS = 1e-6
+STD_FLOOR = 0.1  # LN'd features have unit RMS per token; coordinates that barely vary are amplified at most 10x
 DEFAULT_KL_NUMERATOR = 5.12e-4  # official `compute_default_kl_weight`: 1e-6 * 512 / (T * F)
 
 
@@ -50,7 +56,7 @@ SIZES: dict[str, ViTSize] = {
     "s": ViTSize(384, 12, 6, 1536),
     "b": ViTSize(768, 12, 12, 3072),
     "l": ViTSize(1024, 24, 16, 4096),
-    "micro": ViTSize(64, 2, 1, 256),  # demo/tests only: not an official size
+    "micro": ViTSize(64, 1, 4, 256),  # demo/tests only: not an official size
 }
 
 
@@ -66,6 +72,7 @@ class FlatDINOConfig:
     num_patches: int = 256  # N (16 x 16 patches at 224 px)
     encoder_registers: int = 0  # disposable registers, official `-erN`
     decoder_registers: int = 0  # official `-drN`
+    standardize: bool = False  # encoder input standardisation (a departure, see the module docstring)
     attn_backend: str = "sdpa"
 
     def __post_init__(self):
@@ -89,8 +96,9 @@ PRESETS: dict[str, FlatDINOConfig] = {
     "32-bl-64": FlatDINOConfig(latent_dim=64),
     "32-ss-128": FlatDINOConfig(encoder="s", decoder="s"),
     "32-tt-128": FlatDINOConfig(encoder="t", decoder="t"),
-    # demo: tiny DINOv2 features (256, 192) -> 32 x 32 keeps the paper's 8x tokens / 48x dims ratios.
-    "demo": FlatDINOConfig(encoder="micro", decoder="micro", latent_dim=32, feature_dim=192),
+    # demo: the demo encoder's (64, 192) features -> 8 x 32 keeps the paper's 8x tokens / 48x dims ratios.
+    "demo": FlatDINOConfig(encoder="micro", decoder="micro", num_tokens=8, latent_dim=32, feature_dim=192,
+                           num_patches=64),
 }
 
 
@@ -167,8 +175,14 @@ class FlatEncoder(nn.Module):
         self.latent_tokens = _tokens(cfg.num_tokens, size.width)
         self.trunk = Trunk(size, cfg.attn_backend)
         self.out_proj = nn.Linear(size.width, 2 * cfg.latent_dim, bias=False)
+        self.standardize = cfg.standardize
+        if cfg.standardize:  # set from the training features by `FlatDINO.set_feature_stats`
+            self.register_buffer("feature_mean", torch.zeros(cfg.num_patches, cfg.feature_dim))
+            self.register_buffer("feature_scale", torch.ones(cfg.num_patches, cfg.feature_dim))
 
     def forward(self, tokens: torch.Tensor) -> Posterior:
+        if self.standardize:
+            tokens = ((tokens.float() - self.feature_mean) / self.feature_scale).to(tokens.dtype)
         x = self.in_proj(tokens)  # (B, N, W)
         x = _prepend(x, self.registers, self.latent_tokens)  # (B, R + T + N, W)
         x = self.trunk(x)
@@ -215,6 +229,14 @@ class FlatDINO(nn.Module):
         for p in self.parameters():
             if p.ndim == 3:  # registers, latent tokens, queries, pos_embed
                 trunc_normal_(p.data)
+
+    @torch.no_grad()
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per (patch, channel) mean and std (N, D) of the training features, for `standardize=True` models."""
+        if not self.cfg.standardize:
+            raise ValueError("set_feature_stats needs a model built with standardize=True")
+        self.encoder.feature_mean.copy_(mean)
+        self.encoder.feature_scale.copy_(std.clamp_min(STD_FLOOR))
 
     def encode(self, tokens: torch.Tensor) -> Posterior:
         """(B, N, D) -> Posterior(mu, logvar), each (B, T, F) float32."""

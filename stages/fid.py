@@ -153,7 +153,7 @@ def extract(ex: Extractors, images: np.ndarray, batch_size: int) -> dict[str, np
     if ex.encoder is not None:
         cls, mean = [], []
         for s in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size])).permute(0, 3, 1, 2)
+            x = torch.from_numpy(np.array(images[s : s + batch_size])).permute(0, 3, 1, 2)  # a copy: may be read-only
             tokens = ex.encoder.encode_images(x.to(ex.encoder.mean.device))
             cls.append(tokens.cls.float().cpu().numpy())
             mean.append(tokens.patches.float().mean(dim=1).cpu().numpy())

@@ -193,3 +193,18 @@ def test_demo_preset_keeps_paper_ratios():
     cfg = PRESETS["demo"]
     assert cfg.num_patches // cfg.num_tokens == 8
     assert math.isclose(cfg.num_patches * cfg.feature_dim / (cfg.num_tokens * cfg.latent_dim), 48)
+
+
+def test_standardize_feeds_the_encoder_floored_standardised_features():
+    """`standardize=True` (the demo's departure) is exactly the plain encoder on (X - mean) / max(std, 0.1)."""
+    plain, standard = small(), small(standardize=True)
+    standard.load_state_dict(plain.state_dict(), strict=False)  # same weights; the statistics buffers stay
+    g = torch.Generator().manual_seed(1)
+    mean, std = torch.randn(16, 48, generator=g), torch.rand(16, 48, generator=g) * 0.5  # some below the floor
+    standard.set_feature_stats(mean, std)
+    x = torch.randn(2, 16, 48, generator=g)
+    torch.testing.assert_close(standard.encode(x).mu, plain.encode((x - mean) / std.clamp_min(0.1)).mu)
+    assert torch.equal(standard.decode(torch.ones(1, 4, 8)), plain.decode(torch.ones(1, 4, 8)))  # target: raw X
+    assert {"encoder.feature_mean", "encoder.feature_scale"} <= set(standard.state_dict())  # saved with weights
+    with pytest.raises(ValueError, match="standardize=True"):
+        plain.set_feature_stats(mean, std)

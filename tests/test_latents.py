@@ -35,7 +35,7 @@ def test_rows_are_posterior_means_in_sample_view_order(setup):
     stacked = np.stack([f for _, _, _, f in shards.iter("train")])  # (21, 2, N, D)
     with torch.no_grad():
         want = model.encode(torch.from_numpy(stacked).float().flatten(0, 1)).mu.numpy()
-    assert art.mu.shape == (42, 32, 32) and art.mu.chunks[0] == 16
+    assert art.mu.shape == (42, *tv.PRESETS["demo"].latent_shape) and art.mu.chunks[0] == 16
     np.testing.assert_allclose(art.mu[...], want, rtol=1e-5, atol=1e-6)
     assert list(art.view[...]) == [0, 1] * 21 and list(art.sample[...]) == list(np.repeat(np.arange(21), 2))
     assert list(art.label[...]) == list(np.repeat(np.arange(21) % 3, 2))
@@ -50,7 +50,7 @@ def test_stats_equal_numpy_float64(setup):
     mu = np.asarray(art.mu[...], dtype=np.float64)
     np.testing.assert_allclose(art.mean, mu.mean(0), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(art.std, np.maximum(mu.std(0), 1e-6), rtol=1e-10, atol=1e-15)
-    assert art.mean.dtype == np.float64 and art.std.shape == (32, 32)
+    assert art.mean.dtype == np.float64 and art.std.shape == tv.PRESETS["demo"].latent_shape
 
 
 def test_identical_for_one_and_two_processes_and_resume(setup, monkeypatch):

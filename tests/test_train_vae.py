@@ -199,3 +199,28 @@ def test_source_images_trains_on_the_fly_and_feeds_latents(images_artifact, enco
     assert m.extra["encoder"]["fingerprint"] == tv.FeatureShards(features_artifact).encoder_fingerprint
     lat = lt.run(lt.Config(features=features_artifact, vae=tmp_path / "vae", out=tmp_path / "lat", shard_samples=4))
     assert lat.extra["rows"] == 2 * tv.FeatureShards(features_artifact).num_samples("train")
+
+
+def test_standardize_stores_float64_train_statistics_and_resumes(features, tmp_path):
+    """--standardize: per (patch, channel) mean/std over every train sample and view, identical from the RAM cache
+    and from the shards, saved with the weights, and kept (not recomputed) by a resumed run."""
+    from pipeline.shards import FeatureShards
+    from pipeline.manifest import UserError
+
+    x = np.stack([f for _, _, _, f in FeatureShards(features).iter("train")]).astype(np.float64)
+    x = x.reshape(-1, N_PATCH, DIM)
+    cached = tv.FeatureData(features, 0, 2**30, 1).feature_stats(Dist())
+    streamed = tv.FeatureData(features, 0, 0, 1).feature_stats(Dist())
+    assert all(torch.equal(a, b) for a, b in zip(cached, streamed))
+    torch.testing.assert_close(cached[0], torch.from_numpy(x.mean(0)).float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(cached[1], torch.from_numpy(x.std(0)).float(), rtol=0, atol=1e-6)
+
+    full = tv.run(cfg_for(features, tmp_path / "full", standardize=True))
+    assert tv.run(cfg_for(features, tmp_path / "part", standardize=True, max_steps_this_run=3)) is None
+    resumed = tv.run(cfg_for(features, tmp_path / "part", standardize=True))
+    assert resumed.models == full.models  # bitwise the same weights (sha256), statistics included
+    model, model_cfg, _ = tv.load_flatdino(tmp_path / "full")
+    assert model_cfg.standardize
+    torch.testing.assert_close(model.encoder.feature_scale, cached[1].clamp_min(0.1), rtol=0, atol=0)
+    with pytest.raises(UserError, match="--source features"):
+        tv.open_data(tv.Config(out=tmp_path / "x", source="images", images=tmp_path, encoder="e", standardize=True))
