@@ -249,7 +249,7 @@ def inception_features(model: torch.nn.Module, images: np.ndarray, batch_size: i
     device = next(model.parameters()).device
     pools, logits = [], []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+        x = torch.from_numpy(np.array(images[start : start + batch_size])).to(device)
         pool, logit = model(x.permute(0, 3, 1, 2))  # (B, H, W, 3) -> (B, 3, H, W) uint8
         pools.append(pool.cpu().numpy())
         logits.append(logit.cpu().numpy())
