@@ -77,7 +77,7 @@ PRESETS: dict[str, DiTConfig] = {
     "B": DiTConfig(width=768, depth=12, heads=12, mlp_hidden=2048),
     "L": DiTConfig(width=1024, depth=24, heads=16, mlp_hidden=2731),
     "XL": DiTConfig(width=1152, depth=28, heads=16, mlp_hidden=3072),
-    # Tiny preset for tests and the CPU demo (32 tokens x 32 channels, 10 classes).
+    # Tiny preset for tests and the CPU demo (10 classes; tokens and channels come from the latents, 8 x 32 there).
     "T": DiTConfig(width=128, depth=4, heads=4, mlp_hidden=384, channels=32, num_classes=10),
 }
 
