@@ -1,6 +1,7 @@
 """`flatdino train-dit` end to end on a tiny latents artifact: checkpoints, bitwise resume, no-op re-run, refusals."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 from models.dit import load_dit
 from pipeline import latents_store
 from pipeline.manifest import ConfigMismatch, Manifest, UserError, write_manifest
+from pipeline.runtime import Dist
 from stages import train_dit
 
 N, T, F, CLASSES = 24, 8, 16, 3
@@ -153,11 +155,29 @@ def test_batches_cover_each_epoch_once_and_depend_only_on_step():
     assert not torch.equal(train_dit.batch_indices(10, 4, 0, seed=1), seen[:4])
 
 
-def test_normalised_training_data_is_standardised(latents):
-    data = train_dit.load_data(config(latents, latents / "unused", normalise=True))
-    flat = data.z.double()
+def test_normalised_training_data_is_standardised(latents, tmp_path):
+    cfg = config(latents, tmp_path / "run", normalise=True)
+    data = train_dit.map_rows(cfg, train_dit.load_data(cfg), Dist())
+    flat = torch.from_numpy(np.array(data.z)).double()
     torch.testing.assert_close(flat.mean(0), torch.zeros(T, F, dtype=torch.float64), atol=1e-6, rtol=0)
     torch.testing.assert_close(flat.std(0, unbiased=False), torch.ones(T, F, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_rows_are_memory_mapped_from_one_cache_file_that_the_run_removes(latents, reference, tmp_path):
+    """Rank 0 writes the rows once; every process maps them (one page-cache copy per node); the exact stored
+    float32 values; a cache left by a killed run is reused; a finished run leaves no cache behind."""
+    cfg = config(latents, tmp_path / "run")
+    data = train_dit.map_rows(cfg, train_dit.load_data(cfg), Dist())
+    path = train_dit.cache_path(cfg, data)
+    assert isinstance(data.z, np.memmap) and Path(data.z.filename) == path and not data.z.flags.writeable
+    np.testing.assert_array_equal(data.z, latents_store.open_latents(latents).mu[...])
+    stamp = path.stat().st_mtime_ns
+    assert train_dit.map_rows(cfg, train_dit.load_data(cfg), Dist(1, 2)).z.shape == (N, T, F)  # a rank that waits
+    train_dit.map_rows(cfg, train_dit.load_data(cfg), Dist())
+    assert path.stat().st_mtime_ns == stamp  # an existing cache (say, of a killed run) is reused, not rewritten
+    train_dit.run(cfg)
+    assert not (tmp_path / "run" / "cache").exists()
+    assert_same(weights(tmp_path / "run")[1], weights(reference[0])[1])  # the same training as the reference
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(latents, tmp_path, monkeypatch):
