@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -194,13 +195,18 @@ def checkpoint_config(cfg: Config, dit: DiTConfig, data: LatentData, step: int) 
             "train": cfg_dict(cfg, semantic_only=True)}
 
 
+@functools.lru_cache(maxsize=2)  # the current epoch and the next: one randperm(N) per epoch, not per step
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch_generator(seed, "perm", epoch))
+
+
 def batch_indices(n: int, global_batch: int, step: int, seed: int) -> torch.Tensor:
     """Rows of the global batch of `step`: slice [step G, (step + 1) G) of the per-epoch permutations."""
     start = step * global_batch
     out, pos = [], start
     while pos < start + global_batch:
         epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch_generator(seed, "perm", epoch))
+        perm = epoch_permutation(n, seed, epoch)
         take = min(n - offset, start + global_batch - pos)
         out.append(perm[offset : offset + take])
         pos += take
