@@ -17,7 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -49,20 +49,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same directory, fsync, then rename."""
+def atomic_write_with(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temporary file beside `path`; it is fsynced and renamed into place. On any failure the
+    temporary file is removed (disk full, I/O error, a bad input: no partial file is left behind)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     except BaseException:
-        tmp.unlink(missing_ok=True)  # disk full or I/O error: leave no partial file behind
+        tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same directory, fsync, then rename."""
+    atomic_write_with(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

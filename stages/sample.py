@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -29,8 +28,8 @@ from models.encoder import FeatureEncoder, PixelDecoder, load_rae
 from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.grids import save_grid
 from pipeline.latents_store import open_latents
-from pipeline.manifest import ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, file_sha256, \
-    require_complete
+from pipeline.manifest import ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, atomic_write_with, \
+    file_sha256, require_complete
 from pipeline.runtime import (Dist, autocast, barrier, current_dist, environment, get_logger, progress,
                               stage_device)
 from pipeline.shards import for_rank, plan_shards
@@ -104,15 +103,7 @@ def write_npz_streaming(path: Path, names_shapes: dict[str, tuple[np.dtype, tupl
     callable returning a mapping name -> rows (called once per array). Written to a temporary file, fsynced and
     renamed. Readable by np.load and by the ADM evaluator's streaming reader.
     """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        _write_npz_members(tmp, names_shapes, parts)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda tmp: _write_npz_members(tmp, names_shapes, parts))
 
 
 def _write_npz_members(tmp: Path, names_shapes: dict, parts: list) -> None:

@@ -48,7 +48,7 @@ from models.dit import PRESETS, DiT, DiTConfig, config_to_dict
 from models.flow import default_kappa, draw, flow_loss
 from pipeline.config import command_from_config, config_to_dict as cfg_dict, opt
 from pipeline.latents_store import open_latents
-from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, atomic_write_json,
+from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, atomic_write_json, atomic_write_with,
                                require_complete)
 from pipeline.runtime import Dist, autocast, environment, get_logger, progress, resolve_precision, torch_generator
 
@@ -147,23 +147,22 @@ def cache_path(cfg: Config, data: LatentData) -> Path:
     return cfg.out / "cache" / f"z-{data.fingerprint[:16]}-{'normalised' if cfg.normalise else 'raw'}.npy"
 
 
+def _copy_rows(tmp: Path, data: LatentData, normalise: bool) -> None:
+    rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(data.z.shape))
+    mean, std = data.mean.numpy(), data.std.numpy()
+    for s in range(0, len(rows), CACHE_ROWS):
+        z = np.asarray(data.z[s : s + CACHE_ROWS], dtype=np.float32)
+        rows[s : s + len(z)] = ((z.astype(np.float64) - mean) / std).astype(np.float32) if normalise else z
+    rows.flush()
+
+
 def map_rows(cfg: Config, data: LatentData, dist: Dist, wait=lambda: None) -> LatentData:
     """`data` with `z` as float32 rows memory-mapped from the run's cache file, which rank 0 writes first (each
     value exactly float32((float64(mu) - mean) / std) when normalising); `wait` is the barrier between ranks."""
     path = cache_path(cfg, data)
     if dist.is_main and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npy")
-        rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(data.z.shape))
-        mean, std = data.mean.numpy(), data.std.numpy()
-        for s in range(0, len(rows), CACHE_ROWS):
-            z = np.asarray(data.z[s : s + CACHE_ROWS], dtype=np.float32)
-            rows[s : s + len(z)] = ((z.astype(np.float64) - mean) / std).astype(np.float32) if cfg.normalise else z
-        rows.flush()
-        del rows
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_with(path, lambda tmp: _copy_rows(tmp, data, cfg.normalise))
     wait()
     rows = np.load(path, mmap_mode="r")
     if rows.shape != tuple(data.z.shape) or rows.dtype != np.float32:
