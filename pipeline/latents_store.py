@@ -26,6 +26,7 @@ import numpy as np
 import zarr
 
 from pipeline.manifest import ArtifactError
+from pipeline.metrics import elementwise_mean_std
 
 STORE = "latents.zarr"
 
@@ -107,14 +108,8 @@ def finalize_stats(path: str | Path, eps: float = 1e-6) -> tuple[np.ndarray, np.
     g = zarr.open_group(path, mode="r+")
     mu = g["mu"]
     n, chunk = mu.shape[0], mu.chunks[0]
-    total = np.zeros(mu.shape[1:], np.float64)
-    for s in range(0, n, chunk):
-        total += mu[s : s + chunk].astype(np.float64).sum(0)
-    mean = total / n
-    m2 = np.zeros_like(mean)
-    for s in range(0, n, chunk):
-        m2 += ((mu[s : s + chunk].astype(np.float64) - mean) ** 2).sum(0)
-    std = np.maximum(np.sqrt(m2 / n), eps)
+    mean, std = elementwise_mean_std(lambda: (mu[s : s + chunk] for s in range(0, n, chunk)))
+    std = np.maximum(std, eps)
     for name, arr in (("mean", mean), ("std", std)):
         g.create_array(name, shape=arr.shape, dtype="float64", overwrite=True)[...] = arr
     return mean, std

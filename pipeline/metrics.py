@@ -20,7 +20,7 @@ Departures, all deliberate:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +35,21 @@ INCEPTION_URL = (
 
 class MetricUnavailable(Exception):
     """A metric cannot be computed here (e.g. Inception weights absent offline); the reason goes into metrics.json."""
+
+
+def elementwise_mean_std(chunks: Callable[[], Iterable[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 mean and population std over axis 0 of the concatenated chunks that `chunks()` yields (called once
+    per pass). Two passes (mean, then centred second moment) so nothing cancels, in the chunks' fixed order, so
+    every process that runs it gets the same bits whatever wrote the data."""
+    total, n = 0.0, 0
+    for c in chunks():
+        total = total + c.astype(np.float64).sum(0)
+        n += len(c)
+    mean = total / n
+    m2 = np.zeros_like(mean)
+    for c in chunks():
+        m2 += ((c.astype(np.float64) - mean) ** 2).sum(0)
+    return mean, np.sqrt(m2 / n)
 
 
 class Moments(NamedTuple):

@@ -40,6 +40,7 @@ from models.flatdino import (PRESETS, FlatDINO, FlatDINOConfig, config_to_json, 
 from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, file_sha256,
                                require_complete)
+from pipeline.metrics import elementwise_mean_std
 from pipeline.runtime import (Dist, autocast, barrier, current_dist, environment, get_logger, progress,
                               resolve_precision, stage_device, stable_seed, torch_generator)
 from pipeline.shards import FeatureShards, ImageShards, load_rgb
@@ -93,7 +94,7 @@ class Config:
     standardize: bool = field(default=False, metadata=opt(
         "not in the paper: the encoder sees (X - mean) / max(std, 0.1) per patch and channel, statistics of the "
         "train features stored with the weights; the demo needs it (its random-encoder features are dominated by "
-        "their per-position mean). Needs --source features"))
+        "their per-position mean). Needs --source features; two passes over them when they do not fit --cache-gb"))
     variant: Literal["fast", "med", "long", "ext", "demo"] = field(default="long", metadata=opt(
         "run length: fast 50 / med 100 / long 150 / ext 300 epochs (decay over the last 10/15/15/25%); demo: CPU"))
     epochs: int | None = field(default=None, metadata=opt("override the variant's epochs"))
@@ -302,23 +303,21 @@ class FeatureData(TrainData):
         return torch.from_numpy(self._feats("val", np.asarray(indices))[:, 0]).float()
 
     def feature_stats(self, dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std (N, D) over every train sample and view, accumulated in float64 in a fixed order (so every
-        rank computes the same bits); for models with `standardize=True`."""
-        total, squares, n = np.zeros((self.num_patches, self.dim)), np.zeros((self.num_patches, self.dim)), 0
-        if self.cache is not None:
-            chunks = (self.cache["train"][s : s + 256] for s in range(0, self.num_train, 256))
-        else:
-            chunks = (self._checked(k, f)[None] for _, k, _, f in self.shards.iter("train"))
-        bar = progress(self.num_train, "feature stats", "sample", dist)
-        for chunk in chunks:
-            x = chunk.astype(np.float64).reshape(-1, self.num_patches, self.dim)
-            total += x.sum(0)
-            squares += np.square(x).sum(0)
-            n += len(x)
-            bar.update(len(chunk))
+        """Mean and std (N, D) over every train sample and view, exact float64 in a fixed order (so every rank
+        computes the same bits); for models with `standardize=True`. Two passes: from RAM, or over the shards."""
+        bar = progress(2 * self.num_train, "feature stats", "sample", dist)
+
+        def chunks():
+            if self.cache is not None:
+                parts = (self.cache["train"][s : s + 256] for s in range(0, self.num_train, 256))
+            else:
+                parts = (self._checked(k, f)[None] for _, k, _, f in self.shards.iter("train"))
+            for part in parts:  # (b, V, N, D) -> (b V, N, D)
+                bar.update(len(part))
+                yield part.reshape(-1, self.num_patches, self.dim)
+
+        mean, std = elementwise_mean_std(chunks)
         bar.close()
-        mean = total / n
-        std = np.sqrt(np.maximum(squares / n - np.square(mean), 0.0))
         return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
 
 
