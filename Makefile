@@ -51,6 +51,11 @@ endif
 # the demo encoder is a local random-weight directory made by `flatdino init-encoder`; a hub id needs no target
 ENCODER_DEP := $(if $(wildcard $(ENCODER)),,$(if $(findstring $(S)/encoder/,$(ENCODER)),$(ENCODER)/config.json,))
 DEMO_CLASSIFIER := $(if $(filter digits,$(DATA)),--classifier $(S)/classifier/$(RUN),)
+# $(call sample,NAME,ARGS): samples of this run's networks into shards/samples/NAME; $(call fid,NAME): their metrics
+sample = $(LAUNCH) sample --dit $(S)/dit/$(RUN) --vae $(S)/vae/$(RUN) --decoder $(S)/decoder/$(RUN) \
+	--out $(S)/samples/$(1) --seed $(SEED) $(2)
+fid = $(LAUNCH) fid --samples $(S)/samples/$(1) --reference $(S)/fid-ref/$(RUN) --encoder $(ENCODER) \
+	--out $(S)/fid/$(1) $(DEMO_CLASSIFIER) $(FID_ARGS) && touch $(S)/fid/.ran-$(RUN)
 
 .PHONY: help install test test-slow test-gpu demo images features train-vae latents train-dit decoder sample \
         sample-unguided fid fid-unguided fid-ref classifier reconstruct rfid flops bench clean-demo
@@ -121,13 +126,11 @@ $(DECODER_M): $(IMAGES_M) $(FEATURES_M)
 
 sample: $(SAMPLES_M) ## class-balanced samples: samples.npz (ADM format) + grid.png
 $(SAMPLES_M): $(DIT_M) $(VAE_M) $(DECODER_M)
-	$(LAUNCH) sample --dit $(S)/dit/$(RUN) --vae $(S)/vae/$(RUN) --decoder $(S)/decoder/$(RUN) \
-		--out $(S)/samples/$(RUN) --seed $(SEED) --cfg-scale $(CFG) $(SAMPLE_ARGS)
+	$(call sample,$(RUN),--cfg-scale $(CFG) $(SAMPLE_ARGS))
 
 sample-unguided: $(SAMPLES_U_M) ## the same samples without guidance (w = 1), for the paper's gFID without CFG
 $(SAMPLES_U_M): $(DIT_M) $(VAE_M) $(DECODER_M)
-	$(LAUNCH) sample --dit $(S)/dit/$(RUN) --vae $(S)/vae/$(RUN) --decoder $(S)/decoder/$(RUN) \
-		--out $(S)/samples/$(RUN)-unguided --seed $(SEED) $(SAMPLE_ARGS) --cfg-scale 1
+	$(call sample,$(RUN)-unguided,$(SAMPLE_ARGS) --cfg-scale 1)
 
 classifier: $(CLASSIFIER_M) ## the demo's digit classifier, trained on the real training images
 $(CLASSIFIER_M): $(IMAGES_M)
@@ -139,15 +142,11 @@ $(FIDREF_M): $(IMAGES_M) $(ENCODER_DEP)
 
 fid: $(METRICS) ## FID / IS / precision / recall / FD-DINOv2 (+ class-consistency for the digits)
 $(METRICS): $(SAMPLES_M) $(FIDREF_M) $(if $(DEMO_CLASSIFIER),$(CLASSIFIER_M),)
-	$(LAUNCH) fid --samples $(S)/samples/$(RUN) --reference $(S)/fid-ref/$(RUN) --encoder $(ENCODER) \
-		--out $(S)/fid/$(RUN) $(DEMO_CLASSIFIER) $(FID_ARGS)
-	@touch $(S)/fid/.ran-$(RUN)
+	$(call fid,$(RUN))
 
 fid-unguided: $(METRICS_U) ## the same metrics for the unguided samples
 $(METRICS_U): $(SAMPLES_U_M) $(FIDREF_M) $(if $(DEMO_CLASSIFIER),$(CLASSIFIER_M),)
-	$(LAUNCH) fid --samples $(S)/samples/$(RUN)-unguided --reference $(S)/fid-ref/$(RUN) --encoder $(ENCODER) \
-		--out $(S)/fid/$(RUN)-unguided $(DEMO_CLASSIFIER) $(FID_ARGS)
-	@touch $(S)/fid/.ran-$(RUN)
+	$(call fid,$(RUN)-unguided)
 
 reconstruct: $(VAE_M) $(DECODER_M) ## originals vs RAE vs FlatDINO reconstructions of the val split (for rFID)
 	$(FLATDINO) reconstruct --images $(S)/images/$(RUN) --features $(S)/features/$(RUN) --vae $(S)/vae/$(RUN) \
