@@ -159,7 +159,8 @@ def _out_name(image_shard: dict) -> str:
     return "features-" + image_shard["name"]
 
 
-def _finish(od: OutputDir, cfg: Config, images: ImageShards, encoder: FeatureEncoder, plan, timings: dict) -> Manifest | None:
+def _finish(od: OutputDir, cfg: Config, images: ImageShards, encoder: FeatureEncoder, plan,
+            timings: dict) -> Manifest | None:
     shards = od.collect([_out_name(s) for s in plan])
     if shards is None:
         return None

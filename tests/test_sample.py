@@ -154,8 +154,8 @@ def test_chain_matches_an_independent_recomputation(reference, chain_dirs):
     idx = [3, 4]
     labels = torch.tensor([1, 2])
     with torch.no_grad():
-        z = sample(dit, labels, sample_noise(0, idx, VAE_PRESETS["demo"].latent_shape), steps=3, cfg_scale=2.0, cfg_interval=(0.2, 1.0),
-                   kappa=full["flow"]["kappa"])
+        noise = sample_noise(0, idx, VAE_PRESETS["demo"].latent_shape)
+        z = sample(dit, labels, noise, steps=3, cfg_scale=2.0, cfg_interval=(0.2, 1.0), kappa=full["flow"]["kappa"])
         z = torch.from_numpy(z.double().numpy() * art.std + art.mean).float()
         want = dec.to_uint8(dec(vae.decode(z))).numpy()
     with np.load(reference / sm.SAMPLES) as f:
