@@ -7,6 +7,8 @@ Conventions (SPEC.md section 13, items 8 and 13):
 - x_t = (1 - t) noise + t z, target v = z - noise, loss = plain mean MSE over all elements.
 - t = u / (kappa - (kappa - 1) u) with u ~ U(0, 1); kappa defaults to sqrt(T F / 4096) and is stored in the
   checkpoint; the same kappa warps the uniform sampling grid.
+- The sampling grid is float32 exactly as the official `jnp.linspace(0, 1, steps + 1, dtype=float32)` computes it
+  (t_15 of 50 steps is 0.29999998, so the default interval guides 34 of 50 Euler steps, not 35).
 - CFG v_u + w (v_c - v_u) on all channels, two forward passes (label `null_class` for v_u), applied only while
   t_min < t < t_max on the warped t.
 
@@ -85,10 +87,33 @@ def flow_loss(model: nn.Module, z: torch.Tensor, d: FlowDraw) -> FlowLoss:
     return FlowLoss(err.mean(), err.detach(), d.t)
 
 
+def jax_linspace_f32(start: float, stop: float, num: int) -> torch.Tensor:
+    """`jnp.linspace(start, stop, num, dtype=float32)` bit for bit: (num,) float32, both endpoints included.
+
+    JAX computes step_k = iota_k / (num - 1) inside a jit, where XLA's algebraic simplifier rewrites the division by
+    the constant as a multiplication by its float32 reciprocal (`A / Const => A * (1 / Const)`); then
+    out_k = start (1 - step_k) + stop step_k in float32, and the last element is `stop` itself. So t_15 of a
+    50-step grid is float32(15 * float32(1/50)) = 0.29999998, where float32(15/50) would be 0.30000001.
+    """
+    if num < 2:
+        raise ValueError(f"a time grid needs at least 2 points, got {num}")
+    div = num - 1
+    recip = torch.ones((), dtype=torch.float32) / torch.tensor(float(div), dtype=torch.float32)  # IEEE float32
+    step = torch.arange(div, dtype=torch.float32) * recip  # (div,)
+    lo, hi = torch.tensor(start, dtype=torch.float32), torch.tensor(stop, dtype=torch.float32)
+    return torch.cat([lo * (1 - step) + hi * step, hi.view(1)])
+
+
 def time_grid(steps: int, kappa: float, device: torch.device | str | None = None) -> torch.Tensor:
-    """Uniform grid k/steps warped by the time shift: (steps + 1,) from 0 (noise) to 1 (data)."""
-    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
-    return shift_time(u, kappa).to(device=device, dtype=torch.float32)
+    """The official sampling grid: (steps + 1,) float32 from 0 (noise) to 1 (data), warped by the time shift.
+
+    Uniform as `jnp.linspace(0, 1, steps + 1, dtype=float32)` (see `jax_linspace_f32`), then t / (kappa -
+    (kappa - 1) t) in float32 as `decoder/sampling.py` computes it (identity for kappa = 1). With 50 steps and the
+    guidance interval (0.3, 1.0), 34 steps are guided, as in the official sampler.
+    """
+    u = jax_linspace_f32(0.0, 1.0, steps + 1)
+    k = torch.tensor(kappa, dtype=torch.float32)
+    return (u / (k - (k - 1.0) * u)).to(device=device)
 
 
 def guided_velocity(model: nn.Module, x: torch.Tensor, t: float, y: torch.Tensor, cfg_scale: float,

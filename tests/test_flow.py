@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -121,6 +122,30 @@ def test_sampler_guides_only_on_warped_interval():
     uncond_times = [t for t, y in model.calls if (y == 5).all()]
     assert uncond_times == pytest.approx([t for t in grid if 0.3 < t < 1.0])
     assert len(model.calls) == len(grid) + len(uncond_times)
+
+
+def test_time_grid_is_the_official_float32_linspace():
+    """jnp.linspace(0, 1, n, dtype=float32) under XLA: iota * float32(1 / (n - 1)), then the endpoint itself."""
+    for steps in (7, 50, 250):
+        recip = np.float32(1) / np.float32(steps)
+        expected = np.append(np.arange(steps, dtype=np.float32) * recip, np.float32(1))
+        np.testing.assert_array_equal(time_grid(steps, 1.0).numpy(), expected)
+        u = expected
+        k = np.float32(3.0)
+        np.testing.assert_array_equal(time_grid(steps, 3.0).numpy(), u / (k - (k - np.float32(1)) * u))
+    grid = time_grid(50, 1.0)
+    assert grid.dtype == torch.float32 and grid[0] == 0 and grid[-1] == 1
+    assert grid[15].item() == 0.29999998211860657  # the official value; float32(15 / 50) would be 0.30000001
+    assert np.float32(15 / 50) == np.float32(0.30000001192092896) and grid[15].item() < 0.3
+
+
+def test_default_settings_guide_34_of_50_steps():
+    """steps 50, interval (0.3, 1.0), kappa 1: the official sampler guides steps 16..49 (t_15 = 0.29999998)."""
+    model = LabelModel()
+    sample(model, torch.tensor([0, 1]), torch.randn(2, 2, 2), steps=50, cfg_scale=2.0, kappa=1.0)
+    uncond = [t for t, y in model.calls if (y == 5).all()]
+    assert len(uncond) == 34 and len(model.calls) == 50 + 34
+    assert min(uncond) == pytest.approx(16 / 50) and max(uncond) == pytest.approx(49 / 50)
 
 
 def test_euler_is_exact_for_constant_velocity_and_first_order():
