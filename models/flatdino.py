@@ -5,10 +5,21 @@ commit cdd398f), as written down in SPEC.md sections 4-5. Layers come from `mode
 
 Encoder: bias-free input projection (only when width != D), T learned latent tokens prepended (after optional
 disposable registers), no positional embedding, pre-LN blocks with qk-LayerNorm and SwiGLU (hidden = 4 x width),
-final LayerNorm, bias-free projection to 2F. Read-out: tokens [R, R+T); first F channels = mu, last F = logvar.
-Decoder: bias-free F -> width projection plus a learned positional embedding on the T latents, N learned query
-tokens (one per output patch, no positional embedding) prepended, blocks, final LayerNorm, bias-free projection to
-D (only when width != D). Read-out: tokens [R, R+N).
+final LayerNorm, bias-free projection to 2F (only when 2F != width). Read-out: tokens [R, R+T); first F channels =
+mu, last F = logvar.
+Decoder: bias-free F -> width projection (only when F != width) plus a learned positional embedding on the T
+latents, N learned query tokens (one per output patch, no positional embedding) prepended, blocks, final LayerNorm,
+bias-free projection to D (only when width != D). Read-out: tokens [R, R+N).
+Every projection exists only when its two sizes differ, as in the official `ViTEncoder`: the `micro` demo encoder
+(width 64, 2F = 64) therefore ends in its LayerNorm.
+
+Experiment-grammar options (official `train.py` / `autoencoder.py`, see `pipeline.experiments`):
+- `-hl` -> `half_depth=True`: both sides run max(1, depth // 2) blocks.
+- `-tanh` -> `tanh=True`: z = tanh(mu + sigma eps) while training and z = tanh(mu) downstream (`FlatDINO.latents`,
+  the official `encode` without a key, `compute_stats.py` and the generator's inputs). The KL stays on the
+  untransformed posterior.
+- `-klvarN` -> `vae_loss(kl_var_weight=1e-N)`: + beta * kl_var_weight * mean_b Var_t(sum_f max(KL, free_bits)).
+- `-ilN` / `-iwX` (intermediate DINO layer targets) are not implemented.
 
 Deliberate departures:
 - The encoder's output projection is applied to the T read-out tokens only (the official code projects every token
@@ -18,15 +29,15 @@ Deliberate departures:
   as buffers in the checkpoint; the reconstruction target and loss stay the raw features. Random-weight DINO
   features of the demo digits are dominated by their per-position mean (most patches are background), and without
   this the encoder does not leave the mean-prediction plateau within a CPU budget (bench/RESULTS.md).
-- Loss knobs (beta, free bits, KL annealing) live in the training config, not in `FlatDINOConfig`, so that one
-  architecture config describes a checkpoint whatever loss trained it. The `-klvarN`, `-tanh`, `-hl` and `-ilN`
-  grammar options are not implemented ("nothing else" than KL weight, annealing, free bits, disposable registers).
+- Loss knobs (beta, free bits, KL annealing, the KL-variance weight) live in the training config, not in
+  `FlatDINOConfig`, so that one architecture config describes a checkpoint whatever loss trained it. `half_depth`
+  and `tanh` change the network's function, so they are architecture fields (defaults keep older configs loading).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,6 +50,8 @@ from models.layers import Attention, LayerNorm, SwiGLU, init_linears_, trunc_nor
 LN_EPS = 1e-6
 STD_FLOOR = 0.1  # LN'd features have unit RMS per token; coordinates that barely vary are amplified at most 10x
 DEFAULT_KL_NUMERATOR = 5.12e-4  # official `compute_default_kl_weight`: 1e-6 * 512 / (T * F)
+# projections built before they became identities between equal sizes (the demo encoder's 64 -> 2 x 32)
+LEGACY_PROJECTIONS = ("encoder.out_proj.weight", "decoder.latent_proj.weight")
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,8 @@ class FlatDINOConfig:
     decoder_registers: int = 0  # official `-drN`
     standardize: bool = False  # encoder input standardisation (a departure, see the module docstring)
     attn_backend: str = "sdpa"
+    half_depth: bool = False  # official `-hl`: max(1, depth // 2) blocks on both sides
+    tanh: bool = False  # official `-tanh`: z = tanh(sample) in training, tanh(mu) downstream
 
     def __post_init__(self):
         for side in (self.encoder, self.decoder):
@@ -88,6 +103,21 @@ class FlatDINOConfig:
     def default_kl_weight(self) -> float:
         """beta = 5.12e-4 / (T * F): 1.25e-7 for 32 x 128 (SPEC 5.1)."""
         return default_kl_weight(self.num_tokens, self.latent_dim)
+
+    @property
+    def encoder_size(self) -> ViTSize:
+        """The encoder's size after `half_depth`."""
+        return _sized(SIZES[self.encoder], self.half_depth)
+
+    @property
+    def decoder_size(self) -> ViTSize:
+        """The decoder's size after `half_depth`."""
+        return _sized(SIZES[self.decoder], self.half_depth)
+
+
+def _sized(size: ViTSize, half_depth: bool) -> ViTSize:
+    """`size` with max(1, depth // 2) blocks when `half_depth` (official `build_config` for `-hl`)."""
+    return replace(size, depth=max(1, size.depth // 2)) if half_depth else size
 
 
 PRESETS: dict[str, FlatDINOConfig] = {
@@ -156,6 +186,11 @@ def _tokens(count: int, width: int) -> nn.Parameter | None:
     return nn.Parameter(torch.zeros(1, count, width)) if count > 0 else None
 
 
+def _projection(d_in: int, d_out: int) -> nn.Module:
+    """Bias-free Linear(d_in -> d_out), or the identity when the sizes agree (official `ViTEncoder`)."""
+    return nn.Linear(d_in, d_out, bias=False) if d_in != d_out else nn.Identity()
+
+
 def _prepend(x: torch.Tensor, *tables: nn.Parameter | None) -> torch.Tensor:
     """Concatenate the learned tables (broadcast over the batch) in front of x (B, L, W)."""
     parts = [t.expand(x.shape[0], -1, -1).to(x.dtype) for t in tables if t is not None]
@@ -167,14 +202,13 @@ class FlatEncoder(nn.Module):
 
     def __init__(self, cfg: FlatDINOConfig):
         super().__init__()
-        size = SIZES[cfg.encoder]
+        size = cfg.encoder_size
         self.num_tokens, self.latent_dim, self.skip = cfg.num_tokens, cfg.latent_dim, cfg.encoder_registers
-        needs_proj = size.width != cfg.feature_dim
-        self.in_proj = nn.Linear(cfg.feature_dim, size.width, bias=False) if needs_proj else nn.Identity()
+        self.in_proj = _projection(cfg.feature_dim, size.width)
         self.registers = _tokens(cfg.encoder_registers, size.width)
         self.latent_tokens = _tokens(cfg.num_tokens, size.width)
         self.trunk = Trunk(size, cfg.attn_backend)
-        self.out_proj = nn.Linear(size.width, 2 * cfg.latent_dim, bias=False)
+        self.out_proj = _projection(size.width, 2 * cfg.latent_dim)
         self.standardize = cfg.standardize
         if cfg.standardize:  # set from the training features by `FlatDINO.set_feature_stats`
             self.register_buffer("feature_mean", torch.zeros(cfg.num_patches, cfg.feature_dim))
@@ -196,15 +230,14 @@ class FlatDecoder(nn.Module):
 
     def __init__(self, cfg: FlatDINOConfig):
         super().__init__()
-        size = SIZES[cfg.decoder]
+        size = cfg.decoder_size
         self.num_patches, self.skip = cfg.num_patches, cfg.decoder_registers
-        self.latent_proj = nn.Linear(cfg.latent_dim, size.width, bias=False)
+        self.latent_proj = _projection(cfg.latent_dim, size.width)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, size.width))
         self.registers = _tokens(cfg.decoder_registers, size.width)
         self.queries = _tokens(cfg.num_patches, size.width)
         self.trunk = Trunk(size, cfg.attn_backend)
-        needs_proj = size.width != cfg.feature_dim
-        self.out_proj = nn.Linear(size.width, cfg.feature_dim, bias=False) if needs_proj else nn.Identity()
+        self.out_proj = _projection(size.width, cfg.feature_dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.latent_proj(z) + self.pos_embed.to(z.dtype)  # (B, T, W)
@@ -246,11 +279,22 @@ class FlatDINO(nn.Module):
         """(B, T, F) -> (B, N, D) float32."""
         return self.decoder(z)
 
+    def latents(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> the deterministic latents (B, T, F) everything downstream uses: mu, or tanh(mu) if `tanh`."""
+        return self._squash(self.encode(tokens).mu)
+
     def forward(self, tokens: torch.Tensor, noise: torch.Tensor | None = None) -> VAEOutput:
-        """(B, N, D), noise (B, T, F) or None -> VAEOutput; z = mu + exp(logvar / 2) * noise, or mu without noise."""
+        """(B, N, D), noise (B, T, F) or None -> VAEOutput; z = mu + exp(logvar / 2) * noise, or mu without noise.
+
+        With `tanh`, z is squashed after sampling (official `FlatDinoAutoencoder.encode`); the posterior is not.
+        """
         post = self.encode(tokens)
         z = post.mu if noise is None else post.mu + torch.exp(0.5 * post.logvar) * noise
+        z = self._squash(z)
         return VAEOutput(self.decode(z), post, z)
+
+    def _squash(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z) if self.cfg.tanh else z
 
 
 # ----------------------------------------------------------------------------------------------- loss + optimiser
@@ -263,6 +307,7 @@ class VAELoss(NamedTuple):
     recon: torch.Tensor
     kl: torch.Tensor
     kl_per_token: torch.Tensor
+    kl_var: torch.Tensor  # mean_b Var_t of the per-token (floored) KL, the `-klvarN` term before its weights
 
 
 def kl_divergence(post: Posterior) -> torch.Tensor:
@@ -271,16 +316,23 @@ def kl_divergence(post: Posterior) -> torch.Tensor:
     return 0.5 * (torch.exp(logvar) + mu.square() - 1.0 - logvar)
 
 
-def vae_loss(recon: torch.Tensor, target: torch.Tensor, post: Posterior, beta: float, free_bits: float = 0.0) -> VAELoss:
-    """mean Huber(delta=1) over (B, N, D) + beta * mean_b sum_{t,f} max(KL, free_bits) (SPEC 5.1).
+def vae_loss(recon: torch.Tensor, target: torch.Tensor, post: Posterior, beta: float, free_bits: float = 0.0,
+             kl_var_weight: float = 0.0) -> VAELoss:
+    """mean Huber(delta=1) over (B, N, D) + beta * mean_b sum_{t,f} max(KL, free_bits)
+    + beta * kl_var_weight * mean_b Var_t(sum_f max(KL, free_bits)) (SPEC 5.1, official `train.py:loss_fn`).
 
-    `kl` reports the batch mean of the summed KL before the free-bits floor; `total` uses the floored KL.
+    The variance over the T tokens is the population variance (`jnp.var`) of the floored per-token sums, and it is
+    weighted by the same (annealed) beta. `kl` and `kl_per_token` report the KL before the free-bits floor; `total`
+    uses the floored KL.
     """
     rec = F.huber_loss(recon.float(), target.float(), delta=1.0)
     kl = kl_divergence(post)  # (B, T, F)
     kl_floored = kl.clamp_min(free_bits) if free_bits > 0 else kl
+    kl_var = kl_floored.sum(dim=2).var(dim=1, correction=0).mean()  # Var over the T per-token sums, mean over B
     total = rec + beta * kl_floored.sum(dim=(1, 2)).mean()
-    return VAELoss(total, rec, kl.sum(dim=(1, 2)).mean(), kl.sum(dim=2).mean(dim=0).detach())
+    if kl_var_weight:
+        total = total + beta * kl_var_weight * kl_var
+    return VAELoss(total, rec, kl.sum(dim=(1, 2)).mean(), kl.sum(dim=2).mean(dim=0).detach(), kl_var.detach())
 
 
 def kl_anneal(step: int, anneal_steps: int) -> float:
@@ -320,7 +372,13 @@ def load_weights(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tu
     ckpt_dir = Path(ckpt_dir)
     cfg = config_from_json(json.loads((ckpt_dir / "config.json").read_text())["model"])
     model = FlatDINO(cfg)
-    model.load_state_dict(load_file(ckpt_dir / "model.safetensors"), strict=True)  # on CPU, then moved
+    state = load_file(ckpt_dir / "model.safetensors")  # on CPU, then moved
+    legacy = sorted(k for k in LEGACY_PROJECTIONS if k in state and k not in model.state_dict())
+    if legacy:
+        raise RuntimeError(f"{ckpt_dir}: the checkpoint has {legacy}, projections between equal sizes that FlatDINO "
+                           "no longer builds (identity, as the official ViTEncoder); it was trained by an older "
+                           "version: re-run `flatdino train-vae`")
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval(), cfg
 
 

@@ -1,5 +1,7 @@
 """FlatDINO model, loss, weight-decay mask and WSD schedule (models/flatdino.py)."""
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -8,9 +10,12 @@ import torch.nn.functional as F
 
 from models.flatdino import (
     PRESETS,
+    SIZES,
     FlatDINO,
     FlatDINOConfig,
     Posterior,
+    config_from_json,
+    config_to_json,
     default_kl_weight,
     kl_anneal,
     kl_divergence,
@@ -208,3 +213,133 @@ def test_standardize_feeds_the_encoder_floored_standardised_features():
     assert {"encoder.feature_mean", "encoder.feature_scale"} <= set(standard.state_dict())  # saved with weights
     with pytest.raises(ValueError, match="standardize=True"):
         plain.set_feature_stats(mean, std)
+
+
+# ------------------------------------------------------------------ projections only between different sizes
+
+
+def analytic_side_params(size: str, depth: int, extra: int) -> int:
+    """Parameters of one side from SPEC 4.1-4.2 dims: blocks + final LN + `extra` (tokens, projections)."""
+    s = SIZES[size]
+    w, h, hd = s.width, s.mlp_hidden, s.width // s.heads
+    block = 2 * w + (3 * w * w + 3 * w) + 2 * hd + (w * w + w) + 2 * w + (3 * w * h + 2 * h + w)
+    return depth * block + 2 * w + extra
+
+
+def test_encoder_out_proj_is_identity_when_width_is_2f():
+    """Official ViTEncoder: output_proj only when output_dim != width. micro width 64 = 2 x 32."""
+    model = small(latent_dim=32)  # width 64, D = 48, T = 4
+    enc = model.encoder
+    assert isinstance(enc.out_proj, torch.nn.Identity) and isinstance(enc.in_proj, torch.nn.Linear)
+    assert "encoder.out_proj.weight" not in model.state_dict()
+    w = 64
+    expected = analytic_side_params("micro", 1, extra=48 * w + 4 * w)  # in_proj + latent tokens, no out_proj
+    assert sum(p.numel() for p in enc.parameters()) == expected
+    tokens = torch.randn(2, 16, 48)
+    h = enc.trunk(torch.cat([enc.latent_tokens.expand(2, -1, -1), enc.in_proj(tokens)], 1))  # (B, T + N, 64)
+    post = model.encode(tokens)
+    torch.testing.assert_close(post.mu, h[:, :4, :32])  # the final LayerNorm's channels are mu | logvar
+    torch.testing.assert_close(post.logvar, h[:, :4, 32:])
+    assert model(tokens, torch.randn(2, 4, 32)).recon.shape == (2, 16, 48)
+
+
+def test_decoder_latent_proj_is_identity_when_f_is_width():
+    model = small(latent_dim=64)  # decoder F = width = 64; the encoder now projects 64 -> 128
+    dec = model.decoder
+    assert isinstance(dec.latent_proj, torch.nn.Identity) and isinstance(model.encoder.out_proj, torch.nn.Linear)
+    w = 64
+    expected = analytic_side_params("micro", 1, extra=4 * w + 16 * w + w * 48)  # pos_embed, queries, out_proj
+    assert sum(p.numel() for p in dec.parameters()) == expected
+    z = torch.randn(2, 4, 64)
+    x = torch.cat([dec.queries.expand(2, -1, -1), z + dec.pos_embed], 1)
+    torch.testing.assert_close(model.decode(z), dec.out_proj(dec.trunk(x))[:, :16])
+
+
+def test_demo_preset_encoder_ends_in_its_layernorm():
+    """The demo (micro width 64, F = 32) has no encoder output projection since this change."""
+    with torch.device("meta"):
+        model = FlatDINO(PRESETS["demo"])
+    assert isinstance(model.encoder.out_proj, torch.nn.Identity)
+    assert isinstance(model.decoder.latent_proj, torch.nn.Linear)  # 32 -> 64
+
+
+def test_load_weights_explains_a_checkpoint_with_a_legacy_projection(tmp_path):
+    from safetensors.torch import save_file
+
+    cfg = dataclasses.replace(SMALL, latent_dim=32)
+    model = small(latent_dim=32)
+    state = {**model.state_dict(), "encoder.out_proj.weight": torch.zeros(64, 64)}
+    (tmp_path / "config.json").write_text(json.dumps({"model": config_to_json(cfg)}))
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(RuntimeError, match="re-run `flatdino train-vae`"):
+        load_weights(tmp_path)
+
+
+# ------------------------------------------------------------------ -hl, -tanh, -klvarN
+
+
+def test_config_json_without_new_fields_still_loads():
+    """config.json files written before `half_depth` / `tanh` existed rebuild the same model."""
+    old = {k: v for k, v in config_to_json(PRESETS["demo"]).items() if k not in ("half_depth", "tanh")}
+    cfg = config_from_json(json.loads(json.dumps(old)))
+    assert cfg == PRESETS["demo"] and not cfg.half_depth and not cfg.tanh
+
+
+def test_half_depth_halves_both_sides():
+    with torch.device("meta"):
+        model = FlatDINO(FlatDINOConfig(encoder="b", decoder="l", half_depth=True))
+        full = FlatDINO(FlatDINOConfig(encoder="b", decoder="l"))
+    assert len(model.encoder.trunk.blocks) == 6 and len(model.decoder.trunk.blocks) == 12  # 12 // 2, 24 // 2
+    assert len(full.encoder.trunk.blocks) == 12 and len(full.decoder.trunk.blocks) == 24
+    enc_extra = 768 * 256 + 32 * 768  # out_proj 768 -> 2 x 128, latent tokens (no in_proj at width 768)
+    assert sum(p.numel() for p in model.encoder.parameters()) == analytic_side_params("b", 6, enc_extra)
+    assert small(half_depth=True).cfg.encoder_size.depth == 1  # max(1, 1 // 2)
+
+
+def test_tanh_squashes_the_sample_and_mu_but_not_the_posterior():
+    plain, squashed = small(), small(tanh=True)
+    squashed.load_state_dict(plain.state_dict())
+    tokens, noise = torch.randn(2, 16, 48), torch.randn(2, 4, 8)
+    post = plain.encode(tokens)
+    out = squashed(tokens, noise)
+    torch.testing.assert_close(out.posterior.mu, post.mu)  # KL stays on the untransformed posterior
+    torch.testing.assert_close(out.z, torch.tanh(post.mu + torch.exp(0.5 * post.logvar) * noise))
+    torch.testing.assert_close(out.recon, plain.decode(out.z))
+    torch.testing.assert_close(squashed.latents(tokens), torch.tanh(post.mu))
+    torch.testing.assert_close(squashed(tokens).z, torch.tanh(post.mu))
+    assert squashed.latents(tokens).abs().max() < 1 and not torch.equal(squashed.latents(tokens), post.mu)
+    assert torch.equal(plain.latents(tokens), post.mu)
+
+
+def test_kl_variance_term_matches_an_independent_computation():
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(3, 16, 48, generator=g)
+    recon = target + torch.randn(3, 16, 48, generator=g)
+    mu, logvar = 2 * torch.randn(3, 4, 8, generator=g), torch.randn(3, 4, 8, generator=g)
+    beta, w, fb = 0.01, 1e-3, 0.2
+    base = vae_loss(recon, target, Posterior(mu, logvar), beta=beta, free_bits=fb)
+    out = vae_loss(recon, target, Posterior(mu, logvar), beta=beta, free_bits=fb, kl_var_weight=w)
+    kl = (0.5 * (logvar.exp() + mu**2 - 1 - logvar)).double().numpy()
+    variances = []
+    for b in range(3):  # population variance over tokens of the floored per-token sums
+        per_token = [sum(max(kl[b, t, f], fb) for f in range(8)) for t in range(4)]
+        m = sum(per_token) / 4
+        variances.append(sum((v - m) ** 2 for v in per_token) / 4)
+    expected_var = sum(variances) / 3
+    assert out.kl_var.item() == pytest.approx(expected_var, rel=1e-5) and expected_var > 1
+    assert out.total.item() == pytest.approx(base.total.item() + beta * w * expected_var, rel=1e-6)
+    assert torch.equal(base.kl_var, out.kl_var)
+    # weight 0 (the default) is today's loss exactly
+    huber = F.huber_loss(recon, target)
+    torch.testing.assert_close(base.total, huber + beta * torch.from_numpy(kl).clamp_min(fb).sum((1, 2)).mean().float())
+
+
+def test_kl_variance_gradient_flows_when_weighted():
+    mu = torch.randn(2, 4, 8, requires_grad=True)
+    post = Posterior(mu, torch.zeros(2, 4, 8))
+    x = torch.zeros(2, 16, 48)
+    vae_loss(x, x, post, beta=1.0, kl_var_weight=1.0).total.backward()
+    g_var = mu.grad.clone()
+    mu.grad = None
+    vae_loss(x, x, post, beta=1.0).total.backward()
+    assert not torch.allclose(g_var, mu.grad)  # the variance term pushes tokens towards equal KL
