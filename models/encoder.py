@@ -5,20 +5,28 @@ Lineage: RAE (`bytetriper/RAE`, `Dinov2withNorm(normalize=True)` and the ViT-MAE
 module owns only the thin layer around them.
 
 Departures from `AutoencoderRAE.encode`/`decode`, all deliberate (SPEC.md sections 2, 3, 8 and 13):
-- Resize 256 -> 224 with `antialias=True` (bicubic). diffusers resizes without antialias; the official FlatDINO and
-  RAE JAX/torch paths antialias.
+- Resize 256 -> 224 bicubic with `antialias=True` by default (`resize="flatdino"`, the official FlatDINO JAX path).
+  `resize="rae"` is the plain bicubic of RAE's `RAE.encode` and diffusers' `AutoencoderRAE.encode`, which the
+  released pixel decoder was trained on; on real photos the two 224 inputs differ by up to ~24 uint8 levels.
 - CLS and register tokens are dropped by count from the model config (1 + `num_register_tokens`), not a magic 5,
   and are returned by name in `PatchTokens`.
 - The pixel decoder consumes the raw affine-free LayerNorm features: no latent statistics are applied
   (`AutoencoderRAE.decode` would de-normalise with its `latents_mean/std`).
 - uint8 conversion is `floor(x * 255 + 0.5)` after clipping, the ADM/official convention (torch.round rounds half to
   even).
+
+Two checkpoint layouts are loaded strictly, whatever transformers is installed: transformers >= 5.18 names the
+DINOv2 attention projections `attention.{q,k,v,o}_proj`; earlier versions, and the released RAE directories that
+diffusers' `convert_rae_to_diffusers.py` wrote with them, use `attention.attention.{query,key,value}` and
+`attention.output.dense`. `rae_checkpoint_filter` converts a state dict to the installed layout, and fingerprints
+are taken over the canonical (>= 5.18) names, so the same weights give the same fingerprint under either version.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,6 +57,17 @@ PRESETS: dict[str, dict] = {
 }
 COMMON = dict(encoder_type="dinov2", encoder_patch_size=14, patch_size=16, encoder_input_size=224,
               reshape_to_2d=True, noise_tau=0.0)
+# The 256 -> 224 resize before DINOv2, name -> antialias (both bicubic, align_corners=False). "flatdino": the
+# official FlatDINO code (jax.image.resize antialiases); "rae": RAE's RAE.encode and diffusers' AutoencoderRAE.encode.
+RESIZES = {"flatdino": True, "rae": False}
+
+# DINOv2 attention parameter names: legacy (transformers < 5.18, the released RAE checkpoints) -> canonical (>= 5.18).
+DINOV2_RENAMES = {"attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",
+                  "attention.attention.value": "attention.v_proj", "attention.output.dense": "attention.o_proj"}
+_DINOV2_LAYER = r"^(encoder\.encoder\.layer\.\d+\.)({})(\.(?:weight|bias))$"
+_TO_CANONICAL = re.compile(_DINOV2_LAYER.format("|".join(re.escape(k) for k in DINOV2_RENAMES)))
+_TO_LEGACY = re.compile(_DINOV2_LAYER.format("|".join(re.escape(v) for v in DINOV2_RENAMES.values())))
+_LEGACY_OF = {v: k for k, v in DINOV2_RENAMES.items()}
 
 
 class PatchTokens(NamedTuple):
@@ -70,15 +89,47 @@ def adm_center_crop(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def rae_checkpoint_filter(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop keys that are not parameters of the RAE as we use it.
+def _rename(state_dict: dict, pattern: re.Pattern, table: dict[str, str]) -> dict:
+    out: dict = {}
+    for key, value in state_dict.items():
+        new = pattern.sub(lambda m: m.group(1) + table[m.group(2)] + m.group(3), key)
+        if new in out:
+            raise ValueError(f"checkpoint holds both {new!r} and its other-layout name; mixed DINOv2 key layouts")
+        out[new] = value
+    return out
+
+
+def canonical_dinov2_names(state_dict: dict) -> dict:
+    """Rename legacy DINOv2 attention keys of an RAE state dict to the canonical (transformers >= 5.18) names.
+
+    `encoder.encoder.layer.N.attention.attention.{query,key,value}.*` -> `...attention.{q,k,v}_proj.*` and
+    `...attention.output.dense.*` -> `...attention.o_proj.*`; every other key (and every value) is unchanged.
+    """
+    return _rename(state_dict, _TO_CANONICAL, DINOV2_RENAMES)
+
+
+def legacy_dinov2_names(state_dict: dict) -> dict:
+    """The inverse of `canonical_dinov2_names`: canonical DINOv2 attention keys -> the transformers < 5.18 names."""
+    return _rename(state_dict, _TO_LEGACY, _LEGACY_OF)
+
+
+def uses_legacy_dinov2_names(keys) -> bool:
+    """Whether a set of RAE state keys (e.g. the installed model's) uses the legacy DINOv2 attention names."""
+    return any(_TO_CANONICAL.match(k) for k in keys)
+
+
+def rae_checkpoint_filter(state_dict: dict[str, torch.Tensor], legacy_names: bool = False) -> dict[str, torch.Tensor]:
+    """An RAE checkpoint's state dict as the installed model expects it.
 
     - `decoder.decoder_pos_embed`: a fixed sin-cos buffer, recomputed at construction (diffusers ignores it too).
     - `encoder.layernorm.weight/bias`: the final LayerNorm is affine-free by design (RAE `normalize=True`); a checkpoint
       that still carries the affine (e.g. converted from the raw DINOv2 release) must not reintroduce it.
+    - DINOv2 attention keys in either layout become the canonical names, or the legacy ones if `legacy_names`
+      (an installed transformers < 5.18).
     """
     dropped = {"decoder.decoder_pos_embed", "encoder.layernorm.weight", "encoder.layernorm.bias"}
-    return {k: v for k, v in state_dict.items() if k not in dropped}
+    state = canonical_dinov2_names({k: v for k, v in state_dict.items() if k not in dropped})
+    return legacy_dinov2_names(state) if legacy_names else state
 
 
 def build_rae(preset: str = "tiny", **overrides):
@@ -129,18 +180,33 @@ def load_rae(path_or_id: str | Path):
     root = _resolve_dir(path_or_id)
     config = json.loads((root / "config.json").read_text())
     rae = AutoencoderRAE.from_config(config)
-    state = rae_checkpoint_filter(load_file(root / WEIGHTS_NAME))
+    legacy = uses_legacy_dinov2_names(rae.state_dict())
     try:
+        state = rae_checkpoint_filter(load_file(root / WEIGHTS_NAME), legacy_names=legacy)
         rae.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         raise ArtifactError(f"{root}: weights do not match its config.json ({e})") from e
+    meta = meta_tensors(rae)
+    if meta:
+        raise ArtifactError(f"{root}: {len(meta)} tensors were never loaded (still on the meta device): "
+                            f"{', '.join(meta[:8])}")
     return rae.eval().requires_grad_(False)
 
 
+def meta_tensors(module: nn.Module) -> list[str]:
+    """Names of a module's parameters and buffers (persistent or not) that hold no data (meta device)."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return sorted(name for name, t in named if t.is_meta)
+
+
 def state_fingerprint(module: nn.Module, prefix: str = "") -> str:
-    """sha256 over the names, shapes and bytes of a module's state tensors (order-independent of storage)."""
+    """sha256 over the canonical names, shapes and bytes of a module's state tensors (sorted by name).
+
+    Names are canonicalised (`canonical_dinov2_names`), so the same weights fingerprint the same under any
+    transformers version; with transformers >= 5.18 this is the plain state-dict fingerprint.
+    """
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    for name, t in sorted(canonical_dinov2_names(module.state_dict()).items()):
         if name.startswith(prefix):
             t = t.detach().cpu().contiguous()
             h.update(name.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
@@ -151,8 +217,11 @@ def state_fingerprint(module: nn.Module, prefix: str = "") -> str:
 class FeatureEncoder(nn.Module):
     """Frozen DINOv2-with-registers: uint8 images (B, 3, 256, 256) -> patch tokens (B, 256, 768)."""
 
-    def __init__(self, rae):
+    def __init__(self, rae, resize: str = "flatdino"):
         super().__init__()
+        if resize not in RESIZES:
+            raise ValueError(f"unknown resize {resize!r}; choose one of {sorted(RESIZES)}")
+        self.resize, self.antialias = resize, RESIZES[resize]
         self.model = rae.encoder  # transformers Dinov2WithRegistersModel
         if self.model.layernorm.weight is not None or self.model.layernorm.bias is not None:
             raise ValueError("the encoder's final LayerNorm must be affine-free (RAE normalize=True)")
@@ -165,10 +234,12 @@ class FeatureEncoder(nn.Module):
         self.fingerprint = state_fingerprint(rae, "encoder.")
 
     def preprocess(self, x: torch.Tensor, mode: str = "bicubic") -> torch.Tensor:
-        """uint8 or [0, 1] float (B, 3, H, W) -> (B, 3, 224, 224) ImageNet-normalised, antialiased resize."""
+        """uint8 or [0, 1] float (B, 3, H, W) -> (B, 3, 224, 224) ImageNet-normalised; the resize antialiases
+        unless `resize="rae"`."""
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         if x.shape[-2:] != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size,) * 2, mode=mode, antialias=True, align_corners=False)
+            x = F.interpolate(x, size=(self.input_size,) * 2, mode=mode, antialias=self.antialias,
+                              align_corners=False)
         return (x - self.mean) / self.std
 
     def forward(self, pixels: torch.Tensor) -> PatchTokens:

@@ -1,7 +1,8 @@
 """`flatdino features`: frozen DINOv2-with-registers patch features for every image, as float16 webdataset shards.
 
-Per image: ADM centre crop to 256 (CPU, PIL), optional horizontal flip as view 1, antialiased bicubic resize to 224,
-ImageNet normalisation, DINOv2 with the affine-free final LayerNorm, CLS and registers dropped by name. Stored as
+Per image: ADM centre crop to 256 (CPU, PIL), optional horizontal flip as view 1, bicubic resize to 224
+(antialiased as the official FlatDINO code, or plain as RAE and diffusers with `--resize rae`), ImageNet
+normalisation, DINOv2 with the affine-free final LayerNorm, CLS and registers dropped by name. Stored as
 `<key>.feat.npy` of shape (views, patches, dim) float16 plus `<key>.cls`, one output shard per input shard, so the
 output is the same whatever the number of processes. Images that fail to decode are skipped and listed.
 """
@@ -37,6 +38,9 @@ class Config:
         "nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08 (needs network)", runtime=True))
     out: Path = field(metadata=opt("output artifact directory, e.g. shards/features/demo", runtime=True))
     views: int = field(default=2, metadata=opt("1 = centre crop only; 2 = centre crop + its horizontal flip"))
+    resize: Literal["flatdino", "rae"] = field(default="flatdino", metadata=opt(
+        "256 -> 224 resize: flatdino = bicubic with antialias (the official FlatDINO code; to reproduce the paper's "
+        "VAE); rae = plain bicubic (RAE's and diffusers' encode, what the released pixel decoder was trained on)"))
     batch_size: int = field(default=64, metadata=opt("images per encoder forward"))
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=opt(
         "encoder compute precision; the official code runs DINOv2 in fp32"))
@@ -131,7 +135,7 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest
         device = stage_device(cfg.device, dist)
-        encoder = FeatureEncoder(rae).to(device).eval()
+        encoder = FeatureEncoder(rae, cfg.resize).to(device).eval()
         plan = [s for s in images.manifest.shards]
         committed = od.committed()
         todo = [s for s in for_rank(plan, dist) if _out_name(s) not in committed]
@@ -174,10 +178,10 @@ def _finish(od: OutputDir, cfg: Config, images: ImageShards, encoder: FeatureEnc
         stage="features", shards=shards, failures=failures, versions=environment(), complete=True,
         counts={"written": written, "skipped": 0, "failed": len(failures)},
         inputs={"images": {"path": str(cfg.images), "fingerprint": images.manifest.fingerprint}},
-        models={"encoder": {"source": str(cfg.encoder), "fingerprint": encoder.fingerprint}},
+        models={"encoder": {"source": str(cfg.encoder), "fingerprint": encoder.fingerprint, "resize": cfg.resize}},
         fields={"feat.npy": {"dtype": "float16", "shape": [cfg.views, encoder.num_patches, encoder.dim], "codec": "npy"},
                 "cls": {"dtype": "int", "codec": "text"}},
-        extra={"views": cfg.views, "num_patches": encoder.num_patches, "dim": encoder.dim,
+        extra={"views": cfg.views, "resize": cfg.resize, "num_patches": encoder.num_patches, "dim": encoder.dim,
                "classes": images.classes, "encoder": {"fingerprint": encoder.fingerprint},
                "splits": {k: sum(s["count"] for s in shards if s["split"] == k) for k in images.splits}},
         timings=timings,

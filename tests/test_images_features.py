@@ -181,6 +181,8 @@ def test_mismatched_rerun_and_wrong_encoder_refused_before_work(tmp_path, featur
     with pytest.raises(ConfigMismatch, match="views: 2 -> 1"):
         features.run(features.Config(images=images_artifact, encoder=str(encoder_dir), out=features_artifact,
                                      views=1, batch_size=4), dist=Dist())
+    with pytest.raises(ConfigMismatch, match="resize: 'flatdino' -> 'rae'"):
+        features.run(_cfg(images_artifact, encoder_dir, features_artifact, resize="rae"), dist=Dist())
     assert _shard_hashes(features_artifact) == before
     with pytest.raises(ArtifactError, match="not a hub id|no such directory"):
         features.run(_cfg(images_artifact, tmp_path / "nope", tmp_path / "x"), dist=Dist())
