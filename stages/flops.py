@@ -1,5 +1,8 @@
 """`flatdino flops`: parameters and GMACs of the DiT presets on FlatDINO latents vs DINOv2 grids (SPEC.md 9.4, 10.3).
 
+LightningDiT presets (`models.dit`) and DiT^DH presets (`models.dit_dh`, RAE's generator: a DiT body with a 2-block,
+2048-wide head) are counted the same way, each on 32x128 and on 256x768.
+
 Everything is counted, not estimated: models are built on the meta device (no memory, no weights) and run under
 `torch.utils.flop_counter.FlopCounterMode`. On the meta device `scaled_dot_product_attention` decomposes into
 matmuls (`aten.bmm`) that the counter sees, so attention is included (on CPU tensors the fused kernel counts 0).
@@ -24,6 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.dit import PRESETS as DIT_PRESETS
 from models.dit import DiT
+from models.dit_dh import PRESETS as DH_PRESETS
+from models.dit_dh import DiTDH
 from pipeline.config import command_from_config, opt
 from pipeline.manifest import UserError
 
@@ -33,6 +38,7 @@ META = torch.device("meta")
 @dataclass(frozen=True)
 class Config:
     presets: str = field(default="S,B,L,XL", metadata=opt("comma-separated DiT presets to count"))
+    dh_presets: str = field(default="ditxl-dh", metadata=opt("comma-separated DiT^DH presets to count ('' for none)"))
     flat_tokens: int = field(default=32, metadata=opt("FlatDINO latent tokens T"))
     flat_channels: int = field(default=128, metadata=opt("FlatDINO latent channels F"))
     grid_tokens: int = field(default=256, metadata=opt("DINOv2 patch tokens (16 x 16 at 224 px)"))
@@ -56,8 +62,17 @@ def params(model: torch.nn.Module) -> int:
 
 def dit_costs(preset: str, tokens: int, channels: int) -> dict:
     """Parameters, forward GMACs and forward+backward GMACs of one DiT preset on (tokens, channels) inputs."""
-    cfg = dataclasses.replace(DIT_PRESETS[preset], tokens=tokens, channels=channels)
-    model = DiT(cfg, device=META)
+    return generator_costs(DiT, DIT_PRESETS[preset], tokens, channels)
+
+
+def dit_dh_costs(preset: str, tokens: int, channels: int) -> dict:
+    """`dit_costs` for a DiT^DH preset."""
+    return generator_costs(DiTDH, DH_PRESETS[preset], tokens, channels)
+
+
+def generator_costs(cls: type, base, tokens: int, channels: int) -> dict:
+    """Parameters, forward and forward+backward GMACs of `cls(base with tokens/channels)` counted on meta."""
+    model = cls(dataclasses.replace(base, tokens=tokens, channels=channels), device=META)
     x = torch.empty(1, tokens, channels, device=META)
     t, y = torch.empty(1, device=META), torch.zeros(1, dtype=torch.int64, device=META)
     fwd = count_macs(model, x, t, y)
@@ -104,36 +119,47 @@ def flatdino_encoder_costs(preset: str, tokens: int, channels: int) -> dict:
     return {"preset": preset, "params": params(model.encoder), "gmacs": macs / 1e9}
 
 
-def run(cfg: Config) -> dict:
-    """Count every preset in both settings; returns a JSON-able report."""
-    names = [p.strip() for p in cfg.presets.split(",") if p.strip()]
-    unknown = [p for p in names if p not in DIT_PRESETS]
+def _names(spec: str, known: dict, what: str) -> list[str]:
+    names = [p.strip() for p in spec.split(",") if p.strip()]
+    unknown = [p for p in names if p not in known]
     if unknown:
-        raise UserError(f"unknown DiT presets {unknown}; choose from {sorted(DIT_PRESETS)}")
+        raise UserError(f"unknown {what} presets {unknown}; choose from {sorted(known)}")
+    return names
+
+
+def _row(name: str, costs, cfg: Config, dino: dict, enc: dict) -> dict:
+    flat = costs(name, cfg.flat_tokens, cfg.flat_channels)
+    grid = costs(name, cfg.grid_tokens, cfg.grid_channels)
+    step_flat = flat["train_gmacs"] + dino["gmacs"] + enc["gmacs"]
+    step_grid = grid["train_gmacs"] + dino["gmacs"]
+    return {"preset": name, "flat": flat, "grid": grid, "forward_ratio": grid["gmacs"] / flat["gmacs"],
+            "step_flat_gmacs": step_flat, "step_grid_gmacs": step_grid, "step_ratio": step_grid / step_flat,
+            "step_ratio_dit_only": grid["train_gmacs"] / flat["train_gmacs"]}
+
+
+def run(cfg: Config) -> dict:
+    """Count every preset in both settings; returns a JSON-able report (`rows`: DiT, `dh_rows`: DiT^DH)."""
+    names = _names(cfg.presets, DIT_PRESETS, "DiT")
+    dh_names = _names(cfg.dh_presets, DH_PRESETS, "DiT^DH")
     dino = dinov2_costs()
     enc = flatdino_encoder_costs(cfg.flatdino, cfg.flat_tokens, cfg.flat_channels)
-    rows = []
-    for name in names:
-        flat = dit_costs(name, cfg.flat_tokens, cfg.flat_channels)
-        grid = dit_costs(name, cfg.grid_tokens, cfg.grid_channels)
-        step_flat = flat["train_gmacs"] + dino["gmacs"] + enc["gmacs"]
-        step_grid = grid["train_gmacs"] + dino["gmacs"]
-        rows.append({"preset": name, "flat": flat, "grid": grid, "forward_ratio": grid["gmacs"] / flat["gmacs"],
-                     "step_flat_gmacs": step_flat, "step_grid_gmacs": step_grid, "step_ratio": step_grid / step_flat,
-                     "step_ratio_dit_only": grid["train_gmacs"] / flat["train_gmacs"]})
+    rows = [_row(name, dit_costs, cfg, dino, enc) for name in names]
+    dh_rows = [_row(name, dit_dh_costs, cfg, dino, enc) for name in dh_names]
     shapes = {"flat": [cfg.flat_tokens, cfg.flat_channels], "grid": [cfg.grid_tokens, cfg.grid_channels]}
     return {"convention": "GMACs = FLOPs / 2 per image", "shapes": shapes, "dinov2": dino, "flatdino_encoder": enc,
-            "rows": rows}
+            "rows": rows, "dh_rows": dh_rows}
 
 
 def format_table(report: dict) -> str:
     """Human-readable table of a `run` report."""
     (ft, fc), (gt, gc) = report["shapes"]["flat"], report["shapes"]["grid"]
-    head = (f"{'preset':<6} {'params ' + f'{ft}x{fc}':>15} {'GMACs':>8} {'params ' + f'{gt}x{gc}':>16} {'GMACs':>8} "
+    head = (f"{'preset':<8} {'params ' + f'{ft}x{fc}':>15} {'GMACs':>8} {'params ' + f'{gt}x{gc}':>16} {'GMACs':>8} "
             f"{'fwd ratio':>9} | {'step GMACs flat':>15} {'grid':>8} {'ratio':>6} {'DiT-only':>8}")
     lines = [f"DiT forward and training-step cost per image ({report['convention']})", head, "-" * len(head)]
-    for r in report["rows"]:
-        lines.append(f"{r['preset']:<6} {r['flat']['params'] / 1e6:>14.1f}M {r['flat']['gmacs']:>8.2f} "
+    for i, r in enumerate(report["rows"] + report["dh_rows"]):
+        if i == len(report["rows"]):
+            lines.append("DiT^DH (body + 2 x 2048 head):")
+        lines.append(f"{r['preset']:<8} {r['flat']['params'] / 1e6:>14.1f}M {r['flat']['gmacs']:>8.2f} "
                      f"{r['grid']['params'] / 1e6:>15.1f}M {r['grid']['gmacs']:>8.2f} {r['forward_ratio']:>8.2f}x | "
                      f"{r['step_flat_gmacs']:>15.1f} {r['step_grid_gmacs']:>8.1f} {r['step_ratio']:>5.2f}x "
                      f"{r['step_ratio_dit_only']:>7.2f}x")
