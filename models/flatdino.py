@@ -25,8 +25,8 @@ Deliberate departures:
 - The encoder's output projection is applied to the T read-out tokens only (the official code projects every token
   and then discards N of them); the values are identical, the discarded matmul is skipped.
 - Optional input standardisation (`standardize=True`, train-vae `--standardize`; off by default, on in the CPU
-  demo): the encoder sees (X - mean) / max(std, 0.1) per patch position and channel, with statistics of the training features stored
-  as buffers in the checkpoint; the reconstruction target and loss stay the raw features. Random-weight DINO
+  demo): the encoder sees (X - mean) / max(std, 0.1) per patch position and channel, with statistics of the
+  training features stored as buffers in the checkpoint; the reconstruction target and loss stay the raw features. Random-weight DINO
   features of the demo digits are dominated by their per-position mean (most patches are background), and without
   this the encoder does not leave the mean-prediction plateau within a CPU budget (bench/RESULTS.md).
 - Loss knobs (beta, free bits, KL annealing, the KL-variance weight) live in the training config, not in
