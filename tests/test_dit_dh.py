@@ -195,6 +195,17 @@ def test_meta_construction_allocates_nothing():
 # ------------------------------------------------------------------ flow conventions, CFG, learning
 
 
+def test_time_embedding_is_the_dit_one():
+    """Same Gaussian Fourier features of t in [0, 1] (fixed W from time_seed, in the state dict) as models.dit."""
+    model = DiTDH(TINY)
+    ref = dit.DiT(dit.DiTConfig(width=32, depth=1, heads=2, mlp_hidden=64, tokens=8, channels=6, num_classes=3,
+                                time_freqs=16))
+    assert torch.equal(model.state_dict()["t_embedder.freqs"], ref.t_embedder.freqs)
+    assert "t_embedder.freqs" not in dict(model.named_parameters())
+    assert set(model.state_dict()) >= {"pos_embed", "s_embedder.weight", "x_embedder.weight", "s_projector.weight"}
+    assert not any("rope" in k for k in model.state_dict())  # fixed tables are recomputed, not stored
+
+
 def test_cfg_through_the_flow_sampler():
     """w = 1 is the conditional ODE; w = 3 combines the null-class and conditional DiT^DH passes on all channels."""
     model = perturbed()
