@@ -33,6 +33,17 @@ def release_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def canonical_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `release_state`: release-layout encoder attention keys spelled as transformers >= 5.18 does."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("encoder.encoder.layer."):
+            for new, old in RELEASE_NAMES.items():
+                key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
 def write_release_dir(out: Path, preset: str = "tiny", seed: int = 0) -> tuple[Path, torch.nn.Module]:
     """A random-weight RAE directory in the release layout; returns (path, the AutoencoderRAE it holds).
 
@@ -48,19 +59,17 @@ def write_release_dir(out: Path, preset: str = "tiny", seed: int = 0) -> tuple[P
     std = 0.5 + torch.rand(args["encoder_hidden_size"], side, side, generator=g)
     torch.manual_seed(seed)
     rae = build_rae(preset, latents_mean=mean, latents_std=std)
+    sizes = ("decoder_hidden_size", "decoder_intermediate_size", "decoder_num_attention_heads",
+             "decoder_num_hidden_layers", "encoder_hidden_size", "encoder_input_size", "encoder_num_hidden_layers",
+             "encoder_patch_size", "patch_size")
     config = {
-        "_class_name": "AutoencoderRAE", "_diffusers_version": "0.37.0.dev0",
-        "decoder_hidden_size": args["decoder_hidden_size"], "decoder_intermediate_size": args["decoder_intermediate_size"],
-        "decoder_num_attention_heads": args["decoder_num_attention_heads"],
-        "decoder_num_hidden_layers": args["decoder_num_hidden_layers"],
-        "encoder_hidden_size": args["encoder_hidden_size"], "encoder_input_size": args["encoder_input_size"],
+        "_class_name": "AutoencoderRAE", "_diffusers_version": "0.37.0.dev0", **{k: args[k] for k in sizes},
         "encoder_norm_mean": [0.485, 0.456, 0.406], "encoder_norm_std": [0.229, 0.224, 0.225],
-        "encoder_num_hidden_layers": args["encoder_num_hidden_layers"], "encoder_patch_size": args["encoder_patch_size"],
         "encoder_type": "dinov2", "image_size": None, "latents_mean": mean.tolist(), "latents_std": std.tolist(),
-        "noise_tau": 0.0, "num_channels": 3, "patch_size": args["patch_size"], "reshape_to_2d": True,
-        "scaling_factor": 1.0, "use_encoder_loss": False,
+        "noise_tau": 0.0, "num_channels": 3, "reshape_to_2d": True, "scaling_factor": 1.0, "use_encoder_loss": False,
         "encoder_name_or_path": "facebook/dinov2-with-registers-base",  # written by earlier conversion scripts
     }
+    config = dict(sorted(config.items()))  # save_pretrained's key order
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)

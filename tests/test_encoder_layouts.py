@@ -15,7 +15,7 @@ from models.encoder import (FeatureEncoder, PixelDecoder, adm_center_crop, canon
 from pipeline.manifest import ArtifactError
 from pipeline.runtime import Dist
 from pipeline.shards import FeatureShards, ImageShards
-from release_layout import release_state, write_installed_dir, write_photo_folder, write_release_dir
+from release_layout import canonical_state, release_state, write_installed_dir, write_photo_folder, write_release_dir
 from stages import features, images
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -69,9 +69,14 @@ def test_checkpoint_filter_targets_the_installed_layout_and_drops_the_affine():
     assert sorted(rae_checkpoint_filter(state)) == sorted(LEGACY.values())
     assert sorted(rae_checkpoint_filter(state, legacy_names=True)) == sorted(LEGACY)
     assert sorted(rae_checkpoint_filter(canonical_dinov2_names(state), legacy_names=True)) == sorted(LEGACY)
+    import transformers
+    from packaging.version import Version
+
     installed = enc.build_rae("tiny").state_dict()
-    assert not uses_legacy_dinov2_names(installed)  # transformers >= 5.18 here: q/k/v/o_proj
-    assert any(k.endswith("attention.q_proj.weight") for k in installed)
+    legacy = Version(transformers.__version__) < Version("5.18")  # 5.18 renamed them q/k/v/o_proj
+    assert uses_legacy_dinov2_names(installed) == legacy
+    assert any(k.endswith("attention.attention.query.weight" if legacy else "attention.q_proj.weight")
+               for k in installed)
 
 
 def test_release_layout_loads_strictly_with_the_same_weights_and_fingerprints(dirs):
@@ -86,10 +91,10 @@ def test_release_layout_loads_strictly_with_the_same_weights_and_fingerprints(di
     # the fingerprint is over canonical names: a module whose keys are the legacy ones hashes the same
     legacy_module = _StateModule(release_state(dirs["rae"].state_dict()))
     assert state_fingerprint(legacy_module, "encoder.") == fa
-    # ... and it is still the plain sha256 over the installed (canonical) state: older artifacts keep matching
-    assert fa == _plain_fingerprint(dirs["rae"].state_dict(), "encoder.")
+    # ... and it is the plain sha256 over the state in >= 5.18 names: artifacts made before keep matching
+    assert fa == _plain_fingerprint(canonical_state(dirs["rae"].state_dict()), "encoder.")
     other = dict(dirs["rae"].state_dict())
-    key = next(k for k in other if k.endswith("attention.q_proj.weight"))
+    key = next(k for k in other if k.startswith("encoder.encoder.layer.1.attention."))
     other[key] = other[key] + 1e-3
     assert state_fingerprint(_StateModule(other), "encoder.") != fa
 
@@ -142,7 +147,8 @@ def test_wrong_weights_in_the_release_layout_are_refused(dirs, tmp_path):
     state = load_file(bad / enc.WEIGHTS_NAME)
     state.pop("encoder.encoder.layer.1.attention.attention.value.bias")
     save_file(state, bad / enc.WEIGHTS_NAME)
-    with pytest.raises(ArtifactError, match=r"(?s)do not match its config.json.*layer.1.attention.v_proj.bias"):
+    missing = r"layer\.1\.attention\.(v_proj|attention\.value)\.bias"  # named as the installed transformers does
+    with pytest.raises(ArtifactError, match=r"(?s)do not match its config.json.*" + missing):
         load_rae(bad)
 
 
