@@ -53,7 +53,7 @@ def throughput(preset: str, batch: int, steps: int, device: torch.device, precis
 def reconstruction(vae_dir: str, features: str, split: str, batch: int, device: torch.device) -> dict:
     """Mean per-patch cosine, MSE and Huber of FlatDINO(mu) reconstructions over a split (view 0)."""
     from pipeline.shards import FeatureShards
-    from stages.train_vae import load_flatdino
+    from pipeline.artifacts import load_flatdino
 
     model, _, manifest = load_flatdino(vae_dir, "best", device)
     shards, sums, n = FeatureShards(features), np.zeros(3), 0

@@ -10,13 +10,11 @@ import hashlib
 import logging
 import os
 import platform
-import random
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -24,36 +22,95 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
-class Dist:
-    """Rank and world size of this process; work is split by a plan over global indices, never by rank alone."""
+class Runtime:
+    """The one description of this process: rank, world size, device and precision, and its collectives.
+
+    Built once per stage by `launch()` from accelerate's process state (or constructed directly: `Runtime(1, 2)`
+    emulates rank 1 of 2 in one process for tests, with collectives that do nothing). Nothing else reads the rank.
+    Work is split by a plan over global indices (`share`), never by rank alone, so outputs do not depend on `world`.
+    """
 
     rank: int = 0
     world: int = 1
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+    distributed: bool = False  # a real process group exists (accelerate launch); False for emulated ranks
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def share(self, plan: list) -> list:
+        """This process's part of a plan: plan[rank::world]."""
+        return plan[self.rank :: self.world]
 
-def current_dist() -> Dist:
-    """Rank/world from the launcher (accelerate/torchrun set these variables), else a single process."""
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+    def barrier(self) -> None:
+        """Wait for every process (no-op for one process or an emulated rank)."""
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over processes in place (no-op for one process or an emulated rank)."""
+        if self.distributed:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def autocast(self):
+        """bf16 autocast on this device for precision 'bf16', a null context for 'fp32'."""
+        return autocast(self.precision, self.device)
+
+    def on(self, device: str = "auto", precision: str = "auto") -> "Runtime":
+        """The same process with its stage's device ('auto': accelerate's under a launcher, else cuda if available)
+        and precision ('auto': bf16 on CUDA with bf16 support, else fp32)."""
+        if self.distributed and device in ("auto", "cuda"):
+            from accelerate import PartialState
+
+            dev = PartialState().device
+        else:
+            dev = resolve_device(device)
+        return replace(self, device=dev, precision=resolve_precision(precision, dev))
+
+
+def launch(device: str = "auto", precision: str = "auto") -> Runtime:
+    """This process's Runtime: rank and world from the launcher (accelerate/torchrun), else one process.
+
+    On a CUDA-less host accelerate is brought up in CPU (gloo) mode: `PartialState()` alone reports a single
+    process there under `accelerate launch --multi_gpu`, so every rank would believe it is rank 0 of 1.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CUDA-less hosts, else it reports 1 process
-        return Dist(state.process_index, state.num_processes)
-    return Dist()
+        state = PartialState(cpu=not torch.cuda.is_available())
+        rt = Runtime(state.process_index, state.num_processes, distributed=state.num_processes > 1)
+    else:
+        rt = Runtime()
+    _RankFilter.rank = rt.rank
+    return rt.on(device, precision)
 
 
-def barrier(dist: Dist) -> None:
-    """Wait for every process (no-op for a single process or an emulated rank)."""
-    if dist.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+# Transitional names (stages not yet moved to `Runtime`).
+Dist = Runtime
+
+
+def current_dist() -> Runtime:
+    return launch("cpu", "fp32")
+
+
+def barrier(dist: Runtime) -> None:
+    dist.barrier()
+
+
+def stage_device(name: str, dist: Runtime) -> torch.device:
+    return dist.on(name).device
 
 
 class _RankFilter(logging.Filter):
+    """Lets records through on rank 0 only; `launch()` sets the rank."""
+
+    rank = 0
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return int(os.environ.get("RANK", "0")) == 0
+        return _RankFilter.rank == 0
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -89,27 +146,11 @@ def torch_generator(*parts: object, device: str | torch.device = "cpu") -> torch
     return g
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch global RNGs (for code we do not control; our noise uses explicit generators)."""
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
-
-
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda if available else cpu."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def stage_device(name: str, dist: Dist) -> torch.device:
-    """This process's device: accelerate's (one GPU per process) when launched on several, else `name` resolved."""
-    if dist.world > 1 and name in ("auto", "cuda"):
-        from accelerate import PartialState
-
-        return PartialState().device
-    return resolve_device(name)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pipeline.manifest import ArtifactError, _fsync_dir, require_complete
@@ -303,3 +304,53 @@ class FeatureShards(_ShardedArtifact):
         path, members = self._locate(split, i)
         feats = decode_npy(read_member(path, *members["feat.npy"]))
         return members["__key__"], decode_int(read_member(path, *members["cls"])), feats
+
+
+class PairData:
+    """Rows (sample, view) of a split: DINOv2 features (N, D) + the matching uint8 crop (3, 256, 256), joined by key."""
+
+    def __init__(self, images: ImageShards, features: FeatureShards, split: str, cache_bytes: int):
+        self.images, self.features, self.split = images, features, split
+        self.views = features.views
+        self.num_samples = features.num_samples(split)
+        self._image_index = self._index_images(images, split)
+        self._cache: dict[int, tuple[np.ndarray, torch.Tensor]] = {}
+        per_sample = 3 * 256 * 256 + self.views * features.num_patches * features.dim * 2
+        self._cache_limit = cache_bytes // per_sample
+
+    @staticmethod
+    def _index_images(images: ImageShards, split: str) -> dict[str, tuple[Path, int, int]]:
+        index = {}
+        for rec in images.shards(split):
+            path = images.root / rec["name"]
+            for key, members in index_tar_shard(path).items():
+                ext = next(e for e in members if e in IMAGE_EXTS)
+                index[key] = (path, *members[ext])
+        return index
+
+    def __len__(self) -> int:
+        return self.num_samples * self.views
+
+    def _sample(self, i: int) -> tuple[np.ndarray, torch.Tensor]:
+        if i in self._cache:
+            return self._cache[i]
+        key, _, feats = self.features.get(i, self.split)
+        if key not in self._image_index:
+            raise ArtifactError(f"{self.features.root}: sample {key!r} has no image in {self.images.root}; the two "
+                                f"artifacts do not belong together")
+        from models.encoder import adm_center_crop, pil_to_uint8
+
+        crop = pil_to_uint8(adm_center_crop(load_rgb(read_member(*self._image_index[key]))))
+        if len(self._cache) < self._cache_limit:
+            self._cache[i] = (feats, crop)
+        return feats, crop
+
+    def rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global row ids -> features float32 (B, N, D), targets uint8 (B, 3, 256, 256) (view 1 = flipped crop)."""
+        feats, crops = [], []
+        for r in rows:
+            f, crop = self._sample(r // self.views)
+            view = r % self.views
+            feats.append(torch.from_numpy(f[view].astype(np.float32)))
+            crops.append(crop.flip(-1) if view == 1 else crop)
+        return torch.stack(feats), torch.stack(crops)

@@ -23,7 +23,7 @@ from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, file_sha256,
                                require_complete)
 from pipeline.runtime import environment, get_logger
-from pipeline.shards import ImageShards
+from pipeline.shards import ImageShards, load_rgb
 
 log = get_logger(__name__)
 
@@ -80,7 +80,7 @@ def load_split(images: ImageShards, split: str) -> tuple[np.ndarray, np.ndarray]
     """All images of a split through the evaluation protocol: uint8 (N, 256, 256, 3) and labels (N,)."""
     xs, ys = [], []
     for _, _, cls, data, _ in images.iter(split):
-        xs.append(np.asarray(adm_center_crop(images.load_rgb(data)), dtype=np.uint8))
+        xs.append(np.asarray(adm_center_crop(load_rgb(data)), dtype=np.uint8))
         ys.append(cls)
     if not xs:
         raise ArtifactError(f"{images.root}: the {split!r} split is empty; the classifier needs train and val images")

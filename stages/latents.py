@@ -27,8 +27,9 @@ import torch
 from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.latents_store import STORE, create_latents, finalize_stats, write_rows
 from pipeline.manifest import ArtifactError, Manifest, OutputDir, atomic_write_json
-from pipeline.runtime import Dist, autocast, barrier, environment, get_logger, progress, stage_device
-from pipeline.shards import FeatureShards, ShardSpec, for_rank, plan_shards
+from pipeline.artifacts import load_flatdino
+from pipeline.runtime import Runtime, autocast, environment, get_logger, launch, progress
+from pipeline.shards import FeatureShards, ShardSpec, plan_shards
 
 log = get_logger(__name__)
 
@@ -106,37 +107,35 @@ def write_shard(out: Path, shard: ShardSpec, views: int, rows: dict[str, np.ndar
     return record
 
 
-def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
+def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
     """Encode this rank's shards; the main process finishes the statistics and the manifest when all are in."""
-    from stages.train_vae import init_dist, load_flatdino
-
-    dist, t0 = dist or init_dist(), time.time()
+    rt, t0 = (rt or launch()).on(cfg.device, cfg.precision), time.time()
     feats = FeatureShards(cfg.features)
-    device = stage_device(cfg.device, dist)
+    device = rt.device
     model, vae_cfg, vae_m = load_flatdino(cfg.vae, cfg.weights, device)
     check_compatible(feats, vae_m, vae_cfg, cfg.features, cfg.vae)
     n, v = feats.num_samples(cfg.split), feats.views
     plan = plan_shards(n, cfg.shard_samples, "latents")
     config = {**config_to_dict(cfg, semantic_only=True), "features_fingerprint": feats.manifest.fingerprint,
               "vae_fingerprint": vae_m.fingerprint}
-    with OutputDir(cfg.out, "latents", config, overwrite=cfg.overwrite and dist.is_main, lock=dist.is_main) as od:
+    with OutputDir(cfg.out, "latents", config, overwrite=cfg.overwrite and rt.is_main, lock=rt.is_main) as od:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest
         attrs = {"latent_shape": list(vae_cfg.latent_shape), "vae": vae_m.fingerprint,
                  "features": feats.manifest.fingerprint, "views": v, "split": cfg.split}
-        if dist.is_main:
+        if rt.is_main:
             create_latents(od.path / STORE, n * v, *vae_cfg.latent_shape, cfg.shard_samples * v, attrs)
-        barrier(dist)
+        rt.barrier()
         done = committed(od.path)
-        todo = [s for s in for_rank(plan, dist) if f"latents-{s.index:06d}" not in done]
-        bar = progress(sum(len(s) for s in todo), "latents", "sample", dist)
+        todo = [s for s in rt.share(plan) if f"latents-{s.index:06d}" not in done]
+        bar = progress(sum(len(s) for s in todo), "latents", "sample", rt)
         for shard in todo:
-            write_shard(od.path, shard, v, encode_shard(model, feats, cfg, shard, device, cfg.precision))
+            write_shard(od.path, shard, v, encode_shard(model, feats, cfg, shard, device, rt.precision))
             bar.update(len(shard))
         bar.close()
-        barrier(dist)
-        if not dist.is_main:
+        rt.barrier()
+        if not rt.is_main:
             return None
         return _finish(od, cfg, feats, vae_m, vae_cfg, plan, time.time() - t0)
 

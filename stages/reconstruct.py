@@ -24,10 +24,11 @@ from models.encoder import FeatureEncoder, PixelDecoder, load_rae
 from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.grids import save_grid
 from pipeline.manifest import ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, file_sha256
-from pipeline.runtime import Dist, autocast, barrier, current_dist, environment, get_logger, progress, stage_device
-from pipeline.shards import FeatureShards, ImageShards, for_rank, plan_shards
-from stages.sample import npz_bytes, rows_from_chunks, write_npz_streaming
-from stages.train_decoder import PairData, psnr
+from pipeline.runtime import Runtime, autocast, environment, get_logger, launch, progress
+from pipeline.shards import FeatureShards, ImageShards, plan_shards
+from pipeline.npz import npz_bytes, rows_from_chunks, write_npz_streaming
+from pipeline.shards import PairData
+from pipeline.image_metrics import psnr
 
 log = get_logger(__name__)
 
@@ -57,7 +58,7 @@ class Config:
 
 def load_models(cfg: Config, images: ImageShards, features: FeatureShards, device: torch.device):
     """FlatDINO + pixel decoder, refused unless images, features, VAE and decoder belong together."""
-    from stages.train_vae import load_flatdino
+    from pipeline.artifacts import load_flatdino
 
     made_from = features.manifest.inputs["images"]["fingerprint"]
     if made_from != images.manifest.fingerprint:
@@ -132,18 +133,18 @@ def _chunk_arrays(path: Path, name: str) -> dict[str, np.ndarray]:
         return {"arr_0": z[name], "arr_1": z["labels"]}
 
 
-def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
+def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
     """Reconstruct this rank's chunks; the main process assembles the npz files, the grid and the manifest."""
-    dist, t0 = dist or current_dist(), time.time()
+    rt, t0 = (rt or launch()).on(cfg.device, cfg.precision), time.time()
     if cfg.limit < 0 or cfg.chunk_size <= 0 or cfg.batch_size <= 0:
         raise UserError("--limit must be >= 0, --chunk-size and --batch-size positive")
     images, features = ImageShards(cfg.images), FeatureShards(cfg.features)
-    device = stage_device(cfg.device, dist)
+    device = rt.device
     vae, decoder, models = load_models(cfg, images, features, device)
     inputs = {"images": {"path": str(cfg.images), "fingerprint": images.manifest.fingerprint},
               "features": {"path": str(cfg.features), "fingerprint": features.manifest.fingerprint}}
     config = {**config_to_dict(cfg, semantic_only=True), "models": models, "inputs": inputs}
-    with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite and dist.is_main, lock=dist.is_main) as od:
+    with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite and rt.is_main, lock=rt.is_main) as od:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest
@@ -154,13 +155,13 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
         data = PairData(images, features, cfg.split, cache_bytes=0)
         plan = plan_shards(n, cfg.chunk_size, "chunk")
         committed = od.committed()
-        todo = [s for s in for_rank(plan, dist) if chunk_name(s.index) not in committed]
-        bar = progress(sum(len(s) for s in todo), "reconstruct", "img", dist)
+        todo = [s for s in rt.share(plan) if chunk_name(s.index) not in committed]
+        bar = progress(sum(len(s) for s in todo), "reconstruct", "img", rt)
         for spec in todo:
             od.commit(write_chunk(od.path, vae, decoder, data, cfg, spec, bar))
         bar.close()
-        barrier(dist)
-        if not dist.is_main:
+        rt.barrier()
+        if not rt.is_main:
             return None
         records = od.collect([chunk_name(s.index) for s in plan])
         if records is None:

@@ -6,6 +6,7 @@ DINOv2 features, L1 + LPIPS (+ GAN) in pixel space, EMA weights); the network is
 
 Departures, all deliberate:
 - No GAN / discriminator term (RAE adds one after a warm-up); L1 (+ optional LPIPS) only.
+- The update, checkpoints and resume are the shared trainer's (`pipeline.train`).
 - L1 is taken in the decoder's own ImageNet-normalised output space.
 - Feature noise (RAE's tau): per sample sigma ~ U[0, tau], tokens + sigma * N(0, I), drawn from generators seeded by
   (seed, step), like the batch order, so a resumed run is bit-identical and the world size only splits the batch.
@@ -16,26 +17,24 @@ Departures, all deliberate:
 from __future__ import annotations
 
 import functools
-import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
-import numpy as np
 import torch
-import torch.nn as nn
 
-from models.encoder import (IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_NAME, FeatureEncoder, PixelDecoder, adm_center_crop,
-                            load_rae, pil_to_uint8)
+from models.encoder import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_NAME, FeatureEncoder, PixelDecoder, load_rae
+from pipeline.checkpoint import save_tensors
 from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.grids import save_grid
-from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, atomic_write_json,
-                               file_sha256)
-from pipeline.runtime import autocast, current_dist, environment, get_logger, progress, resolve_device, torch_generator
-from pipeline.shards import FeatureShards, ImageShards, IMAGE_EXTS, index_tar_shard, load_rgb, read_member
+from pipeline.image_metrics import LPIPS, load_lpips, psnr
+from pipeline.manifest import ArtifactError, Manifest, OutputDir, UserError, atomic_write_json, atomic_write_with, \
+    file_sha256
+from pipeline.runtime import Runtime, environment, get_logger, launch, torch_generator
+from pipeline.shards import FeatureShards, ImageShards, PairData
+from pipeline.train import Ema, Event, Recipe, Trainer, TrainOptions
 
 log = get_logger(__name__)
 
@@ -67,7 +66,7 @@ class TrainPreset:
     ema_decay: float
     noise_tau: float
     eval_every: int
-    checkpoint_every: int
+    ckpt_every: int
 
 
 # "demo": the digits demo on a 2-core CPU in about two minutes, a fresh tiny decoder. "rae": RAE's decoder recipe
@@ -76,14 +75,14 @@ class TrainPreset:
 # that decoder, unchanged, as this stage's artifact (with its validation PSNR), which is what the paper uses (frozen).
 PRESETS: dict[str, TrainPreset] = {
     "demo": TrainPreset(decoder_size="tiny", steps=200, batch_size=16, lr=1e-3, warmup_steps=20, weight_decay=0.0,
-                        ema_decay=0.99, noise_tau=0.3, eval_every=100, checkpoint_every=100),
+                        ema_decay=0.99, noise_tau=0.3, eval_every=100, ckpt_every=100),
     "rae": TrainPreset(decoder_size="same", steps=40_000, batch_size=512, lr=2e-4, warmup_steps=1000,
-                       weight_decay=0.0, ema_decay=0.9999, noise_tau=0.8, eval_every=2000, checkpoint_every=1000),
+                       weight_decay=0.0, ema_decay=0.9999, noise_tau=0.8, eval_every=2000, ckpt_every=1000),
 }
 
 
-@dataclass(frozen=True)
-class Config:
+@dataclass(frozen=True, kw_only=True)
+class Config(TrainOptions):
     images: Path = field(metadata=opt("images artifact the features were computed from (flatdino images --out)"))
     features: Path = field(metadata=opt("features artifact (flatdino features --out)"))
     encoder: str = field(metadata=opt("RAE directory that produced the features (its encoder weights are copied; "
@@ -109,14 +108,17 @@ class Config:
         "local LPIPS file (.safetensors/.pth): torchvision VGG16 `features.*` + LPIPS v0.1 `lin{k}.model.1.weight`"))
     lpips_weight: float = field(default=1.0, metadata=opt("weight of the LPIPS term"))
     eval_every: int | None = field(default=None, metadata=opt("validation PSNR + grid every N steps [preset]"))
-    checkpoint_every: int | None = field(default=None, metadata=opt("training-state checkpoint every N steps [preset]"))
     eval_samples: int = field(default=64, metadata=opt("validation images used for PSNR"))
     grid_samples: int = field(default=8, metadata=opt("validation images shown in the reconstruction grids"))
     seed: int = field(default=0, metadata=opt("seed of the decoder init, batch order and feature noise"))
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=opt("training compute precision"))
+    ckpt_every: int | None = field(default=None, metadata=opt(
+        "checkpoint every N steps (also at the end and on SIGTERM) [preset]", runtime=True))
+    micro_batch: int = field(default=0, metadata=opt("rows per forward per process (0: the whole share); "
+                                                     "gradients are accumulated to the global batch", runtime=True))
+    log_every: int = field(default=1, metadata=opt("log scalars every N steps", runtime=True))
     cache_mb: int = field(default=2048, metadata=opt(
         "keep decoded targets and features in RAM up to this many MiB", runtime=True))
-    device: str = field(default="auto", metadata=opt("auto, cpu, cuda ...", runtime=True))
     overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
                                                         runtime=True))
 
@@ -126,92 +128,12 @@ def resolve(cfg: Config) -> Config:
     preset = PRESETS[cfg.preset]
     filled = {k: getattr(preset, k) for k in preset.__dataclass_fields__ if getattr(cfg, k) is None}
     cfg = replace(cfg, **filled)
-    if cfg.steps < 0 or cfg.batch_size <= 0 or cfg.eval_every <= 0 or cfg.checkpoint_every <= 0:
-        raise UserError(f"--steps must be >= 0; --batch-size, --eval-every, --checkpoint-every positive")
+    if cfg.steps < 0 or cfg.batch_size <= 0 or cfg.eval_every <= 0 or cfg.ckpt_every <= 0:
+        raise UserError("--steps must be >= 0; --batch-size, --eval-every, --ckpt-every positive")
     if cfg.steps == 0 and cfg.decoder_size != "same":
         raise UserError("--steps 0 packages the encoder directory's decoder unchanged: it needs --decoder-size same")
     return cfg
 
-
-# ----------------------------------------------------------------------------------------------------------- LPIPS
-
-
-VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)  # up to relu5_3
-VGG_TAPS = (3, 8, 15, 22, 29)  # ReLU outputs relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16
-VGG_CHANNELS = (64, 128, 256, 512, 512)
-LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # LPIPS ScalingLayer constants (inputs in [-1, 1])
-LPIPS_SCALE = (0.458, 0.448, 0.450)
-
-
-def vgg16_features() -> nn.Sequential:
-    """torchvision's `vgg16().features` up to relu5_3, same module indices (so its `features.{i}.*` keys load)."""
-    layers: list[nn.Module] = []
-    channels = 3
-    for v in VGG16_LAYERS:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(channels, v, 3, padding=1), nn.ReLU(inplace=False)]
-            channels = v
-    return nn.Sequential(*layers)
-
-
-def lpips_state_from_files(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map a merged {torchvision vgg16 `features.*`, lpips `lin{k}.model.1.weight`} dict to `LPIPS`'s keys.
-
-    torchvision's `classifier.*` keys are dropped; everything else must be used (the load after this is strict).
-    """
-    out = {}
-    for k, v in state.items():
-        if k.startswith("classifier."):
-            continue
-        if k.startswith("lin") and k.endswith(".model.1.weight"):
-            out[f"heads.{k[3:].split('.')[0]}.weight"] = v
-        else:
-            out[k] = v
-    return out
-
-
-class LPIPS(nn.Module):
-    """LPIPS (v0.1, VGG16): images in [-1, 1] (B, 3, H, W) x2 -> distance (B,). Weights come from a local file."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = vgg16_features()
-        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in VGG_CHANNELS)
-        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
-
-    def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out, h = [], (x - self.shift) / self.scale
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in VGG_TAPS:
-                out.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))  # unit norm over channels
-        return out
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) x2 in [-1, 1] -> (B,) perceptual distance."""
-        pairs = zip(self.heads, self._taps(a), self._taps(b))
-        return sum(head((fa - fb) ** 2).mean((1, 2, 3)) for head, fa, fb in pairs)
-
-
-def load_lpips(path: Path) -> LPIPS:
-    """Strictly load LPIPS from a local .safetensors or .pth file; frozen, eval mode."""
-    if not path.exists():
-        raise UserError(f"--lpips-weights {path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    model = LPIPS()
-    try:
-        model.load_state_dict(lpips_state_from_files(state), strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{path}: not an LPIPS VGG16 weights file ({e})") from e
-    return model.eval().requires_grad_(False)
 
 
 def maybe_lpips(cfg: Config) -> LPIPS | None:
@@ -230,54 +152,6 @@ def maybe_lpips(cfg: Config) -> LPIPS | None:
 # ------------------------------------------------------------------------------------------------------------ data
 
 
-class PairData:
-    """Rows (sample, view) of a split: DINOv2 features (N, D) + the matching uint8 crop (3, 256, 256), joined by key."""
-
-    def __init__(self, images: ImageShards, features: FeatureShards, split: str, cache_bytes: int):
-        self.images, self.features, self.split = images, features, split
-        self.views = features.views
-        self.num_samples = features.num_samples(split)
-        self._image_index = self._index_images(images, split)
-        self._cache: dict[int, tuple[np.ndarray, torch.Tensor]] = {}
-        per_sample = 3 * 256 * 256 + self.views * features.num_patches * features.dim * 2
-        self._cache_limit = cache_bytes // per_sample
-
-    @staticmethod
-    def _index_images(images: ImageShards, split: str) -> dict[str, tuple[Path, int, int]]:
-        index = {}
-        for rec in images.shards(split):
-            path = images.root / rec["name"]
-            for key, members in index_tar_shard(path).items():
-                ext = next(e for e in members if e in IMAGE_EXTS)
-                index[key] = (path, *members[ext])
-        return index
-
-    def __len__(self) -> int:
-        return self.num_samples * self.views
-
-    def _sample(self, i: int) -> tuple[np.ndarray, torch.Tensor]:
-        if i in self._cache:
-            return self._cache[i]
-        key, _, feats = self.features.get(i, self.split)
-        if key not in self._image_index:
-            raise ArtifactError(f"{self.features.root}: sample {key!r} has no image in {self.images.root}; the two "
-                                f"artifacts do not belong together")
-        crop = pil_to_uint8(adm_center_crop(load_rgb(read_member(*self._image_index[key]))))
-        if len(self._cache) < self._cache_limit:
-            self._cache[i] = (feats, crop)
-        return feats, crop
-
-    def rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global row ids -> features float32 (B, N, D), targets uint8 (B, 3, 256, 256) (view 1 = flipped crop)."""
-        feats, crops = [], []
-        for r in rows:
-            f, crop = self._sample(r // self.views)
-            view = r % self.views
-            feats.append(torch.from_numpy(f[view].astype(np.float32)))
-            crops.append(crop.flip(-1) if view == 1 else crop)
-        return torch.stack(feats), torch.stack(crops)
-
-
 def batch_rows(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     """Global row ids of step `step`: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
     rows = []
@@ -293,25 +167,11 @@ def _epoch_perm(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch_generator(seed, "epoch", epoch))
 
 
-def noise_features(tokens: torch.Tensor, tau: float, generator: torch.Generator) -> torch.Tensor:
-    """RAE noise augmentation: (B, N, D) -> tokens + sigma_b * eps, sigma_b ~ U[0, tau], eps ~ N(0, I)."""
-    if tau <= 0:
-        return tokens
-    sigma = tau * torch.rand(tokens.shape[0], 1, 1, generator=generator)
-    return tokens + sigma * torch.randn(tokens.shape, generator=generator)
-
-
-def normalise(x: torch.Tensor) -> torch.Tensor:
+def to_normalized_pixels(x: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> ImageNet-normalised float (B, 3, H, W), the decoder's output space."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x.float() / 255.0 - mean) / std
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of two uint8 batches (B, ...) on the 0..255 scale."""
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))
 
 
 # ---------------------------------------------------------------------------------------------------------- models
@@ -345,57 +205,25 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.lr * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_))))
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
-    """ema <- d * ema + (1 - d) * model with d = min(decay, (1 + step) / (EMA_WARMUP + step))."""
-    d = min(decay, (1 + step) / (EMA_WARMUP + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().to(e.dtype), 1 - d)
+def draw_noise(cfg: Config, step: int, shape: tuple[int, int], device) -> dict:
+    """RAE's feature noise for the whole global batch: sigma (G, 1, 1) ~ U[0, tau], eps (G, N, D) ~ N(0, I)."""
+    if cfg.noise_tau <= 0:
+        return {}
+    g = torch_generator(cfg.seed, "noise", step, device=device)
+    sigma = cfg.noise_tau * torch.rand(cfg.batch_size, 1, 1, generator=g, device=device)
+    return {"sigma": sigma, "eps": torch.randn(cfg.batch_size, *shape, generator=g, device=device)}
 
 
-class Trainer(NamedTuple):
-    """Everything a training step touches."""
-
-    rae: nn.Module  # AutoencoderRAE (encoder frozen, decoder trained)
-    decoder: PixelDecoder  # wraps rae.decoder (trained weights)
-    ema: PixelDecoder  # EMA copy, what is saved
-    optimizer: torch.optim.Optimizer
-    lpips: LPIPS | None
-    accelerator: object
-
-
-def make_trainer(cfg: Config, accelerator, device: torch.device, lp: LPIPS | None) -> Trainer:
-    import copy
-
-    rae = build_decoder_rae(cfg.encoder, cfg.decoder_size, cfg.seed)
-    decoder = PixelDecoder(rae).to(device)
-    ema = copy.deepcopy(decoder).eval().requires_grad_(False)
-    opt_ = torch.optim.AdamW(decoder.decoder.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
-                             weight_decay=cfg.weight_decay)
-    return Trainer(rae, decoder, ema, opt_, lp.to(device) if lp is not None else None, accelerator)
-
-
-def train_step(tr: Trainer, model: nn.Module, cfg: Config, data: PairData, step: int, device: torch.device) -> dict:
-    """One optimiser step on this process's slice of the global batch; returns the logged scalars."""
-    acc = tr.accelerator
-    rows = batch_rows(step, cfg.batch_size, len(data), cfg.seed)
-    g = torch_generator(cfg.seed, "noise", step)
-    feats, target = data.rows(rows)
-    feats = noise_features(feats, cfg.noise_tau, g)  # whole global batch, so the noise ignores the world size
-    sl = slice(acc.process_index, None, acc.num_processes)
-    feats, target = feats[sl].to(device), normalise(target[sl].to(device))
-    for group in tr.optimizer.param_groups:
-        group["lr"] = lr_at(step, cfg)
-    with autocast(cfg.precision, device):
-        pred = model(feats)  # (B, 3, 256, 256) normalised
-        l1 = (pred.float() - target).abs().mean()
-        lp = _lpips_term(tr.lpips, pred.float(), target) if tr.lpips is not None else torch.zeros((), device=device)
-        loss = l1 + cfg.lpips_weight * lp
-    tr.optimizer.zero_grad(set_to_none=True)
-    acc.backward(loss)
-    tr.optimizer.step()
-    ema_update(tr.ema, tr.decoder, cfg.ema_decay, step)
-    return {"loss": loss.item(), "l1": l1.item(), "lpips": lp.item(), "lr": lr_at(step, cfg)}
+def decoder_loss(model, batch, d: dict, cfg: Config, lp: LPIPS | None):
+    """L1 (normalised pixel space) + lpips_weight * LPIPS of one micro-batch of (features, uint8 targets)."""
+    feats, target = batch
+    if d:
+        feats = feats + d["sigma"] * d["eps"]
+    target = to_normalized_pixels(target)
+    pred = model(feats).float()  # (B, 3, 256, 256) normalised
+    l1 = (pred - target).abs().mean()
+    lpips = _lpips_term(lp, pred, target) if lp is not None else torch.zeros((), device=pred.device)
+    return l1 + cfg.lpips_weight * lpips, {"l1": l1, "lpips": lpips}
 
 
 def _lpips_term(lp: LPIPS, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -404,61 +232,22 @@ def _lpips_term(lp: LPIPS, pred: torch.Tensor, target: torch.Tensor) -> torch.Te
     return lp((pred * std + mean) * 2 - 1, (target * std + mean) * 2 - 1).mean()
 
 
-# ------------------------------------------------------------------------------------------------ state and outputs
+def recipe(cfg: Config, train: PairData, decoder: PixelDecoder, lp: LPIPS | None) -> Recipe:
+    optimizer = torch.optim.AdamW(decoder.decoder.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.weight_decay)
+    shape = (train.features.num_patches, train.features.dim)
+
+    def feed(step: int, sl: range):
+        return train.rows(batch_rows(step, cfg.batch_size, len(train), cfg.seed)[sl.start : sl.stop])
+
+    return Recipe(decoder, optimizer, cfg.steps, cfg.batch_size, cfg.micro_batch or cfg.batch_size,
+                  lambda step: lr_at(step, cfg), feed,
+                  lambda model, batch, d, step: decoder_loss(model, batch, d, cfg, lp),
+                  lambda step, device: draw_noise(cfg, step, shape, device), ema=Ema(cfg.ema_decay, EMA_WARMUP),
+                  title="train-decoder")
 
 
-def _flat_optimizer(opt_: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt_.state_dict()
-    tensors = {f"{pid}.{k}": v for pid, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
-    scalars = {f"{pid}.{k}": v for pid, st in sd["state"].items() for k, v in st.items() if not torch.is_tensor(v)}
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _unflat_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for k, v in [*tensors.items(), *meta["scalars"].items()]:
-        pid, name = k.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_state(out: Path, tr: Trainer, step: int, history: list[dict]) -> None:
-    """Atomically write the full training state after `step` steps into state/step-XXXXXXX, then point to it."""
-    from safetensors.torch import save
-
-    root = out / "state"
-    target = root / f"step-{step:07d}"
-    target.mkdir(parents=True, exist_ok=True)
-    tensors, meta = _flat_optimizer(tr.optimizer)
-    atomic_write_bytes(target / "decoder.safetensors", save(_contiguous(tr.decoder.decoder.state_dict())))
-    atomic_write_bytes(target / "ema.safetensors", save(_contiguous(tr.ema.decoder.state_dict())))
-    atomic_write_bytes(target / "optimizer.safetensors", save(_contiguous(tensors)))
-    atomic_write_json(target / "optimizer.json", meta)
-    atomic_write_json(root / "latest.json", {"step": step, "dir": target.name, "history": history})
-    for old in root.glob("step-*"):
-        if old != target:
-            shutil.rmtree(old)
-
-
-def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-
-
-def load_state(out: Path, tr: Trainer) -> tuple[int, list[dict]]:
-    """Restore the latest training state; (0, []) when there is none."""
-    from safetensors.torch import load_file
-
-    latest = out / "state" / "latest.json"
-    if not latest.exists():
-        return 0, []
-    info = json.loads(latest.read_text())
-    src = out / "state" / info["dir"]
-    tr.decoder.decoder.load_state_dict(load_file(src / "decoder.safetensors"), strict=True)
-    tr.ema.decoder.load_state_dict(load_file(src / "ema.safetensors"), strict=True)
-    meta = json.loads((src / "optimizer.json").read_text())
-    tr.optimizer.load_state_dict(_unflat_optimizer(load_file(src / "optimizer.safetensors"), meta))
-    log.info("resuming from step %d (%s)", info["step"], src)
-    return info["step"], info["history"]
+# ------------------------------------------------------------------------------------------------ evaluation
 
 
 @torch.no_grad()
@@ -480,16 +269,29 @@ def write_grid(path: Path, target: torch.Tensor, recon: torch.Tensor, k: int) ->
     save_grid(path, [target[:k].numpy(), recon[:k].numpy()], size=128)
 
 
-def save_rae_dir(out: Path, tr: Trainer) -> dict:
-    """Write config.json + the weights (EMA decoder, copied encoder) so that load_rae(out) works; returns a record."""
-    from safetensors.torch import save
+def eval_event(cfg: Config, val: PairData, trainer: Trainer) -> Event:
+    """Validation PSNR of the EMA decoder + a reconstruction grid every --eval-every steps (main process)."""
 
-    tr.rae.decoder.load_state_dict(tr.ema.decoder.state_dict(), strict=True)
-    config = {k: v for k, v in dict(tr.rae.config).items() if not k.startswith("_")}
+    def fn(step: int) -> dict | None:
+        if not trainer.rt.is_main:
+            return None
+        metrics, target, recon = evaluate(trainer.ema, val, cfg.eval_samples, trainer.rt.device)
+        write_grid(cfg.out / "grids" / f"step-{step:07d}.png", target, recon, cfg.grid_samples)
+        log.info("step %d: EMA val PSNR %.2f dB (mean-image %.2f dB)", step, metrics["val_psnr"],
+                 metrics["baseline_psnr"])
+        return {k: metrics[k] for k in ("val_psnr", "baseline_psnr")}
+
+    return Event("val", cfg.eval_every, fn)
+
+
+def save_rae_dir(out: Path, rae, ema: PixelDecoder) -> dict:
+    """Write config.json + the weights (EMA decoder, copied encoder) so that load_rae(out) works; returns a record."""
+    rae.decoder.load_state_dict(ema.decoder.state_dict(), strict=True)
+    config = {k: v for k, v in dict(rae.config).items() if not k.startswith("_")}
     config["_class_name"] = "AutoencoderRAE"
     atomic_write_json(out / "config.json", config)
-    atomic_write_bytes(out / WEIGHTS_NAME, save(_contiguous(tr.rae.state_dict())))
     path = out / WEIGHTS_NAME
+    atomic_write_with(path, lambda tmp: save_tensors(tmp, rae.state_dict()))
     return {"name": WEIGHTS_NAME, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
@@ -510,9 +312,10 @@ def check_inputs(cfg: Config, images: ImageShards, features: FeatureShards) -> s
     return encoder_fp
 
 
-def run(cfg: Config) -> Manifest:
+def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
     """Train (or resume) the pixel decoder; the main process writes the RAE directory and the manifest."""
     t0, cfg = time.time(), resolve(cfg)
+    rt = (rt or launch()).on(cfg.device, cfg.precision)
     images, features = ImageShards(cfg.images), FeatureShards(cfg.features)
     encoder_fp = check_inputs(cfg, images, features)
     lp = maybe_lpips(cfg)  # a missing/bad LPIPS file is refused before any work
@@ -520,70 +323,35 @@ def run(cfg: Config) -> Manifest:
               "features": features.manifest.fingerprint}
     if cfg.lpips_weights is not None:
         config["lpips_sha256"] = file_sha256(cfg.lpips_weights) if cfg.lpips_weights.exists() else None
-    dist = current_dist()
-    with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite and dist.is_main, lock=dist.is_main) as od:
+    with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite and rt.is_main, lock=rt.is_main) as od:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(cpu=cfg.device == "cpu")
-        device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.device)
-        tr = make_trainer(cfg, accelerator, device, lp)
+        rae = build_decoder_rae(cfg.encoder, cfg.decoder_size, cfg.seed)
+        decoder = PixelDecoder(rae).to(rt.device)
         train = PairData(images, features, "train", cfg.cache_mb << 20)
         val = PairData(images, features, "val" if features.num_samples("val") else "train", 256 << 20)
-        model, tr_opt = tr.accelerator.prepare(tr.decoder, tr.optimizer)
-        tr = tr._replace(optimizer=tr_opt)
-        start, history = load_state(od.path, tr)
-        history = _train_loop(tr, model, cfg, train, val, od.path, start, history, device)
-        if not tr.accelerator.is_main_process:
+        trainer = Trainer(recipe(cfg, train, decoder, lp.to(rt.device) if lp is not None else None), cfg, od.path,
+                          rt, cfg.seed)
+        trainer.r.events.append(eval_event(cfg, val, trainer))
+        trainer.fit()
+        if not trainer.complete or not rt.is_main:
             return None
-        metrics, target, recon = evaluate(tr.ema, val, cfg.eval_samples, device)
+        metrics, target, recon = evaluate(trainer.ema, val, cfg.eval_samples, rt.device)
         write_grid(od.path / "grids" / "final.png", target, recon, cfg.grid_samples)
-        record = save_rae_dir(od.path, tr)
+        record = save_rae_dir(od.path, rae, trainer.ema)
         log.info("final EMA decoder: val PSNR %.2f dB vs mean-image baseline %.2f dB", metrics["val_psnr"],
                  metrics["baseline_psnr"])
-        return od.finish(_manifest(cfg, images, features, encoder_fp, tr, record, metrics, history, time.time() - t0))
+        return od.finish(_manifest(cfg, images, features, encoder_fp, trainer, rae, lp, record, metrics,
+                                   time.time() - t0))
 
 
-def _train_loop(tr: Trainer, model, cfg: Config, train: PairData, val: PairData, out: Path, start: int,
-                history: list[dict], device: torch.device) -> list[dict]:
-    from torch.utils.tensorboard import SummaryWriter
-
-    main = tr.accelerator.is_main_process
-    writer = SummaryWriter(str(out / "tb"), purge_step=start) if main else None
-    bar = progress(cfg.steps, "train-decoder", "step", initial=start)
-    for step in range(start, cfg.steps):
-        scalars = train_step(tr, model, cfg, train, step, device)
-        bar.update(1)
-        bar.set_postfix(loss=f"{scalars['loss']:.4f}")
-        done = step + 1
-        if main:
-            for k, v in scalars.items():
-                writer.add_scalar(f"train/{k}", v, done)
-        if main and (done % cfg.eval_every == 0 or done == cfg.steps):
-            metrics, target, recon = evaluate(tr.ema, val, cfg.eval_samples, device)
-            history.append({"step": done, **metrics, "loss": scalars["loss"]})
-            for k in ("val_psnr", "baseline_psnr"):
-                writer.add_scalar(f"val/{k}", metrics[k], done)
-            write_grid(out / "grids" / f"step-{done:07d}.png", target, recon, cfg.grid_samples)
-            log.info("step %d: loss %.4f, EMA val PSNR %.2f dB (mean-image %.2f dB)", done, scalars["loss"],
-                     metrics["val_psnr"], metrics["baseline_psnr"])
-        if main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            save_state(out, tr, done, history)
-        tr.accelerator.wait_for_everyone()
-    bar.close()
-    if writer is not None:
-        writer.close()
-    return history
-
-
-def _manifest(cfg: Config, images: ImageShards, features: FeatureShards, encoder_fp: str, tr: Trainer, record: dict,
-              metrics: dict, history: list[dict], seconds: float) -> Manifest:
-    decoder_fp = tr.ema.fingerprint
+def _manifest(cfg: Config, images: ImageShards, features: FeatureShards, encoder_fp: str, trainer: Trainer, rae,
+              lp, record: dict, metrics: dict, seconds: float) -> Manifest:
+    decoder_fp = trainer.ema.fingerprint
     models = {"encoder": {"source": str(cfg.encoder), "fingerprint": encoder_fp},
               "decoder": {"path": WEIGHTS_NAME, "sha256": record["sha256"], "fingerprint": decoder_fp}}
-    if tr.lpips is not None:
+    if lp is not None:
         models["lpips"] = {"path": str(cfg.lpips_weights), "sha256": file_sha256(cfg.lpips_weights)}
     return Manifest(
         stage=STAGE, shards=[record], versions=environment(), complete=True, models=models,
@@ -592,8 +360,8 @@ def _manifest(cfg: Config, images: ImageShards, features: FeatureShards, encoder
                 "features": {"path": str(cfg.features), "fingerprint": features.manifest.fingerprint}},
         fields={WEIGHTS_NAME: {"codec": "safetensors", "dtype": "float32"}},
         extra={"encoder_fingerprint": encoder_fp, "decoder_fingerprint": decoder_fp, "decoder_size": cfg.decoder_size,
-               "decoder_config": {k: v for k, v in dict(tr.rae.config).items() if k.startswith("decoder_")},
-               "lpips_used": tr.lpips is not None, "final": metrics, "history": history},
+               "decoder_config": {k: v for k, v in dict(rae.config).items() if k.startswith("decoder_")},
+               "lpips_used": lp is not None, "final": metrics, "history": trainer.state["events"].get("val", [])},
         timings={"seconds": round(seconds, 3), "steps": cfg.steps},
     )
 

@@ -5,34 +5,25 @@ parameter as optax's default, clip 1.0, EMA 0.9995 from step 0, label dropout 0.
 
 Departures and choices:
 - Latents are read from the cached `latents` artifact (both views: centre crop and flip), not recomputed online.
-  Rank 0 copies `mu` (normalised when asked) once into `<out>/cache/*.npy` (written aside, fsynced, renamed);
+  Rank 0 copies `mu` (standardised when asked) once into `<out>/cache/*.npy` (written aside, fsynced, renamed);
   every process memory-maps that file, so a node holds one copy in its page cache instead of one per process
   (ImageNet, 2 views, 32x128 float32: about 42 GB, not 8 x 42 GB on 8 GPUs). The cache is deleted when the run
   finishes.
 - Data order: one deterministic permutation of all rows per epoch (seed, epoch); the global batch of step s is the
-  contiguous slice [s G, (s + 1) G) of the concatenated epochs, cut into micro-batches; rank r of W takes
-  micro-batches r, r + W, ... Every random draw (noise, t, label dropout) of a global batch comes from one generator
-  seeded by (seed, step), so the data position and the RNG state are functions of the step: resume restores model,
-  EMA, optimizer and step and replays exactly (bitwise on CPU), and the draws do not depend on the world size or
-  the micro-batch.
-- Checkpoints: `<out>/checkpoints/<step>/` written to a temporary folder and renamed (atomic), last `keep` kept;
-  `<out>/latest.json` (atomic) names the newest; resume reads it, and falls back (with a warning) to the newest
-  older checkpoint that reads if that one is damaged. At the end `<out>/ckpt/` holds the final inference
-  checkpoint (model, EMA, config, latent stats) consumed by `sample` through `models.dit.load_dit`.
+  contiguous slice [s G, (s + 1) G) of the concatenated epochs. The step's draws (noise, t, label dropout) are made
+  for the whole global batch at once on the device from a generator seeded by (seed, step), so they depend neither
+  on the world size nor on the micro-batch, and resume replays them exactly. The update itself is the shared
+  trainer's (`pipeline.train`): checkpoints `checkpoints/<step>/`, EMA, clipping, the non-finite guard, SIGTERM.
+- At the end `<out>/ckpt/` holds the inference checkpoint (model, EMA, config, latent stats) consumed by `sample`
+  through `models.dit.load_dit`.
 - `--latents` and `--out` are runtime knobs: the output's config pins the latents by fingerprint, so artifacts
   may move, and latents rebuilt in place (another VAE) are refused rather than resumed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import functools
-import json
-import math
-import os
-import pickle
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -41,25 +32,26 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from models.dit import PRESETS, DiT, DiTConfig, config_to_dict
-from models.flow import default_kappa, draw, flow_loss
+from models.flow import FlowDraw, default_kappa, flow_loss, shift_time
+from pipeline.checkpoint import publish
 from pipeline.config import command_from_config, config_to_dict as cfg_dict, opt
 from pipeline.latents_store import open_latents
-from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, atomic_write_json, atomic_write_with,
-                               require_complete)
-from pipeline.runtime import Dist, autocast, environment, get_logger, progress, resolve_precision, torch_generator
+from pipeline.manifest import ArtifactError, Manifest, OutputDir, UserError, atomic_write_with, file_sha256, \
+    require_complete
+from pipeline.runtime import Runtime, environment, get_logger, launch, torch_generator
+from pipeline.train import Ema, Event, Recipe, Trainer, TrainOptions
+
+log = get_logger(__name__)
 
 BETAS = (0.9, 0.95)  # SPEC 7.3
 ADAM_EPS = 1e-8
 TIME_BUCKETS = 4  # loss logged per quarter of t in [0, 1]
-LATEST = "latest.json"
 
 
-@dataclass(frozen=True)
-class Config:
+@dataclass(frozen=True, kw_only=True)
+class Config(TrainOptions):
     # paths are runtime knobs (artifacts may move); the latents are pinned by fingerprint in the output's config
     latents: Path = field(metadata=opt("latents artifact directory (holds latents.zarr and manifest.json)",
                                        runtime=True))
@@ -73,58 +65,34 @@ class Config:
     ema_decay: float = field(default=0.9995, metadata=opt("EMA decay, updated every step from step 0"))
     kappa: float = field(default=0.0, metadata=opt("time shift; 0 = sqrt(T F / 4096) (1.0 for 32x128)"))
     label_dropout: float = field(default=0.1, metadata=opt("probability of replacing the label by the null class"))
-    normalise: bool = field(default=False, metadata=opt("train on (mu - mean) / std per (token, channel)"))
-    seed: int = field(default=0, metadata=opt("seed of the data order, noise, t and label dropout"))
+    standardize_latents: bool = field(default=False, metadata=opt(
+        "train on (mu - mean) / std per (token, channel), the official `-norm` (statistics of the latents artifact)"))
+    seed: int = field(default=0, metadata=opt("seed of the weight init, data order, noise, t and label dropout"))
     time_seed: int = field(default=0, metadata=opt("seed of the fixed Gaussian Fourier time-embedding matrix"))
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata=opt("auto: bf16 on CUDA, else fp32"))
     attn_backend: Literal["sdpa", "xformers"] = field(default="sdpa", metadata=opt("attention kernel"))
     micro_batch: int = field(default=0, metadata=opt("per-process micro-batch (0: global batch / processes); "
                                                      "gradients are accumulated to the global batch", runtime=True))
     grad_checkpointing: bool = field(default=False, metadata=opt("recompute blocks in backward", runtime=True))
-    device: str = field(default="auto", metadata=opt("auto | cpu | cuda", runtime=True))
-    ckpt_every: int = field(default=5000, metadata=opt("checkpoint every N steps", runtime=True))
-    keep: int = field(default=2, metadata=opt("checkpoints kept", runtime=True))
-    log_every: int = field(default=100, metadata=opt("TensorBoard scalars every N steps", runtime=True))
+    ckpt_every: int = field(default=5000, metadata=opt("checkpoint every N steps (and at the end, on SIGTERM)",
+                                                       runtime=True))
+    log_every: int = field(default=100, metadata=opt("log scalars every N steps", runtime=True))
     sample_every: int = field(default=0, metadata=opt("sample grid every N steps (needs --flatdino and --rae)",
                                                       runtime=True))
-    flatdino: Path | None = field(default=None, metadata=opt("FlatDINO checkpoint dir, for sample grids", runtime=True))
+    flatdino: Path | None = field(default=None, metadata=opt("train-vae run, for sample grids", runtime=True))
     rae: Path | None = field(default=None, metadata=opt("RAE dir with the pixel decoder, for sample grids",
                                                         runtime=True))
     overwrite: bool = field(default=False, metadata=opt("delete an existing --out made with another config",
                                                         runtime=True))
 
 
-class TrainingDiverged(UserError):
-    """The loss or the gradient became non-finite."""
-
-
 class LatentData(NamedTuple):
-    z: np.ndarray  # (N, T, F): the zarr array from `load_data`, then float32 rows (normalised if asked)
+    z: np.ndarray  # (N, T, F): the zarr array from `load_data`, then float32 rows (standardised if asked)
     y: torch.Tensor  # (N,) int64
     mean: torch.Tensor  # (T, F) float64
     std: torch.Tensor  # (T, F) float64
     num_classes: int
     fingerprint: str
-
-
-@dataclass
-class RunContext:
-    """Per-run objects derived from the config and the launcher."""
-
-    accelerator: object  # accelerate.Accelerator
-    dist: Dist
-    micro: int  # per-process micro-batch
-    kappa: float
-    null: int  # null-class label
-    precision: str  # "fp32" | "bf16"
-    dit: DiTConfig
-    decoders: tuple | None = None  # (FlatDINO, PixelDecoder) for sample grids, loaded on first use
-
-
-class TrainState(NamedTuple):
-    model: torch.nn.Module  # possibly wrapped for DDP by accelerate
-    ema: DiT
-    opt: torch.optim.Optimizer
 
 
 def load_data(cfg: Config) -> LatentData:
@@ -144,26 +112,27 @@ CACHE_ROWS = 16384  # rows per copy step (256 MB at 32 x 128)
 
 
 def cache_path(cfg: Config, data: LatentData) -> Path:
-    return cfg.out / "cache" / f"z-{data.fingerprint[:16]}-{'normalised' if cfg.normalise else 'raw'}.npy"
+    kind = "standardized" if cfg.standardize_latents else "raw"
+    return cfg.out / "cache" / f"z-{data.fingerprint[:16]}-{kind}.npy"
 
 
-def _copy_rows(tmp: Path, data: LatentData, normalise: bool) -> None:
+def _copy_rows(tmp: Path, data: LatentData, standardize: bool) -> None:
     rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(data.z.shape))
     mean, std = data.mean.numpy(), data.std.numpy()
     for s in range(0, len(rows), CACHE_ROWS):
         z = np.asarray(data.z[s : s + CACHE_ROWS], dtype=np.float32)
-        rows[s : s + len(z)] = ((z.astype(np.float64) - mean) / std).astype(np.float32) if normalise else z
+        rows[s : s + len(z)] = ((z.astype(np.float64) - mean) / std).astype(np.float32) if standardize else z
     rows.flush()
 
 
-def map_rows(cfg: Config, data: LatentData, dist: Dist, wait=lambda: None) -> LatentData:
+def map_rows(cfg: Config, data: LatentData, rt: Runtime) -> LatentData:
     """`data` with `z` as float32 rows memory-mapped from the run's cache file, which rank 0 writes first (each
-    value exactly float32((float64(mu) - mean) / std) when normalising); `wait` is the barrier between ranks."""
+    value exactly float32((float64(mu) - mean) / std) when standardising)."""
     path = cache_path(cfg, data)
-    if dist.is_main and not path.exists():
+    if rt.is_main and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_with(path, lambda tmp: _copy_rows(tmp, data, cfg.normalise))
-    wait()
+        atomic_write_with(path, lambda tmp: _copy_rows(tmp, data, cfg.standardize_latents))
+    rt.barrier()
     rows = np.load(path, mmap_mode="r")
     if rows.shape != tuple(data.z.shape) or rows.dtype != np.float32:
         raise ArtifactError(f"{path} holds {rows.dtype} {rows.shape}, expected float32 {tuple(data.z.shape)}; "
@@ -186,11 +155,11 @@ def resolved_kappa(cfg: Config, dit: DiTConfig) -> float:
 
 
 def checkpoint_config(cfg: Config, dit: DiTConfig, data: LatentData, step: int) -> dict:
-    """The `config.json` stored with every checkpoint: enough for `sample` to rebuild and use the model."""
+    """The `config.json` of the inference checkpoint: enough for `sample` to rebuild and use the model."""
     return {"dit": config_to_dict(dit),
             "flow": {"kappa": resolved_kappa(cfg, dit), "label_dropout": cfg.label_dropout, "prediction": "velocity",
                      "convention": "t=0 noise, t=1 data"},
-            "normalise": cfg.normalise, "latents_fingerprint": data.fingerprint, "step": step,
+            "standardize_latents": cfg.standardize_latents, "latents_fingerprint": data.fingerprint, "step": step,
             "train": cfg_dict(cfg, semantic_only=True)}
 
 
@@ -212,348 +181,151 @@ def batch_indices(n: int, global_batch: int, step: int, seed: int) -> torch.Tens
     return torch.cat(out)
 
 
-def micro_size(cfg: Config, dist: Dist) -> int:
-    m = cfg.micro_batch or cfg.global_batch // dist.world
-    if cfg.global_batch % (m * dist.world):
-        raise UserError(f"--global-batch {cfg.global_batch} is not a multiple of micro-batch {m} x {dist.world} "
+def micro_size(cfg: Config, rt: Runtime) -> int:
+    m = cfg.micro_batch or cfg.global_batch // rt.world
+    if cfg.global_batch % (m * rt.world):
+        raise UserError(f"--global-batch {cfg.global_batch} is not a multiple of micro-batch {m} x {rt.world} "
                         "processes; pick sizes that divide it")
     return m
 
 
-def ema_update_(ema: DiT, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay ema + (1 - decay) model, parameters only (buffers are fixed tables)."""
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+# ------------------------------------------------------------------------------------------------ the recipe
 
 
-class StepStats(NamedTuple):
-    loss: float
-    per_sample: torch.Tensor  # (b,) on CPU
-    t: torch.Tensor  # (b,) on CPU
-    grad_norm: float
+class Flow(NamedTuple):
+    """What the flow-matching loss needs besides the batch."""
+
+    kappa: float
+    label_dropout: float
+    null: int
 
 
-def train_step(state: TrainState, data: LatentData, cfg: Config, step: int, ctx: RunContext) -> StepStats:
-    """One optimizer step over the global batch of `step` (this process's micro-batches), then EMA."""
-    acc, dist, m, kappa, null = ctx.accelerator, ctx.dist, ctx.micro, ctx.kappa, ctx.null
-    idx = batch_indices(len(data.z), cfg.global_batch, step, cfg.seed)
-    # the whole global batch's draws, on CPU from one generator: independent of micro-batching and world size
-    z_all, y_all = torch.from_numpy(data.z[idx.numpy()]), data.y[idx]  # a copy of the mapped rows
-    d_all = draw(z_all, y_all, kappa, cfg.label_dropout, null, torch_generator(cfg.seed, "draw", step))
-    mine = list(range(dist.rank, cfg.global_batch // m, dist.world))
-    losses, ts = [], []
-    for k, j in enumerate(mine):
-        sl = slice(j * m, (j + 1) * m)
-        z = z_all[sl].to(acc.device)
-        d = type(d_all)(*(v[sl].to(acc.device) for v in d_all))
-        sync = contextlib.nullcontext() if k == len(mine) - 1 else acc.no_sync(state.model)
-        with sync:  # gradients are all-reduced only in the backward of the last micro-batch
-            with autocast(ctx.precision, acc.device):
-                out = flow_loss(state.model, z, d)
-            acc.backward(out.loss * (m * dist.world / cfg.global_batch))  # sums to the global-batch mean
-        losses.append(out.per_sample.cpu())
-        ts.append(d.t.cpu())
-    return _apply_update(state, cfg, step, torch.cat(losses), torch.cat(ts), acc)
+def draw_step(seed: int, step: int, g: int, shape: tuple[int, int], device: torch.device) -> dict[str, torch.Tensor]:
+    """The random draws of global batch `step`, all at once on the device: noise (G, T, F), u (G,), drop (G,)."""
+    gen = torch_generator(seed, "draw", step, device=device)
+    return {"noise": torch.randn(g, *shape, generator=gen, device=device),
+            "u": torch.rand(g, generator=gen, device=device),
+            "drop": torch.rand(g, generator=gen, device=device)}
 
 
-def _apply_update(state: TrainState, cfg: Config, step: int, per_sample: torch.Tensor, t: torch.Tensor,
-                  acc) -> StepStats:
-    loss = per_sample.mean().item()
-    grad_norm = float(acc.clip_grad_norm_(state.model.parameters(), cfg.grad_clip))
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise TrainingDiverged(f"non-finite training loss {loss} / grad norm {grad_norm} at step {step}")
-    state.opt.step()
-    state.opt.zero_grad(set_to_none=True)
-    ema_update_(state.ema, acc.unwrap_model(state.model), cfg.ema_decay)
-    return StepStats(loss, per_sample, t, grad_norm)
+def flow_step_loss(model, batch, d: dict, flow: Flow):
+    """Velocity MSE of a micro-batch (z (b, T, F), y (b,)) with its draws; scalars: loss per quarter of t."""
+    z, y = batch
+    if flow.label_dropout > 0:
+        y = torch.where(d["drop"] < flow.label_dropout, torch.full_like(y, flow.null), y)
+    out = flow_loss(model, z, FlowDraw(d["noise"], shift_time(d["u"], flow.kappa), y))
+    bucket = torch.nn.functional.one_hot(torch.clamp((out.t * TIME_BUCKETS).long(), max=TIME_BUCKETS - 1),
+                                         TIME_BUCKETS).float()  # (b, 4)
+    return out.loss, {"loss_t": (out.per_sample[:, None] * bucket).mean(0), "frac_t": bucket.mean(0)}
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
+def by_time(scalars: dict) -> dict:
+    """Logged scalars: the loss of each quarter of t instead of the sums it is made of."""
+    out = {k: v for k, v in scalars.items() if k not in ("loss_t", "frac_t")}
+    out["loss_by_t"] = [n / f if f > 0 else 0.0 for n, f in zip(scalars["loss_t"], scalars["frac_t"])]
+    return out
 
 
-def save_checkpoint(out: Path, state: TrainState, ckpt_config: dict, history: list, acc, keep: int,
-                    latent_stats: dict[str, torch.Tensor]) -> Path:
-    """Write checkpoints/<step>/ atomically (every file in a tmp folder, then one rename), point latest.json at it,
-    prune old ones."""
-    step = ckpt_config["step"]
-    root = out / "checkpoints"
-    final, tmp = root / f"{step:09d}", root / f".tmp-{step:09d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "state").mkdir(parents=True)
-    model = acc.unwrap_model(state.model)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    save_file({k: v.contiguous() for k, v in state.ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-    save_file({k: v.contiguous() for k, v in latent_stats.items()}, str(tmp / "latent_stats.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(ckpt_config, indent=2, sort_keys=True))
-    torch.save(state.opt.state_dict(), tmp / "state" / "optimizer.pt")
-    (tmp / "state" / "state.json").write_text(json.dumps({"step": step, "history": history}))
-    _fsync_tree(tmp)
-    if final.exists():  # a re-save of the same step (e.g. after falling back from a damaged one): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_json(out / LATEST, {"step": step, "path": f"checkpoints/{final.name}"})
-    _prune(root, final.name, keep)
-    return final
+def recipe(cfg: Config, data: LatentData, rt: Runtime, dit: DiTConfig) -> Recipe:
+    """Model, optimizer, order, draws and loss of the run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # weight init only; every training draw uses an explicit generator
+        model = DiT(dit).to(rt.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=BETAS, eps=ADAM_EPS,
+                                  weight_decay=cfg.weight_decay)
+    flow = Flow(resolved_kappa(cfg, dit), cfg.label_dropout, dit.null_class)
+    n, shape = len(data.z), tuple(data.z.shape[1:])
+
+    def feed(step: int, sl: range):
+        idx = batch_indices(n, cfg.global_batch, step, cfg.seed)[sl.start : sl.stop]
+        return torch.from_numpy(data.z[idx.numpy()]), data.y[idx]  # a copy of the mapped rows
+
+    return Recipe(model, optimizer, cfg.steps, cfg.global_batch, micro_size(cfg, rt), lambda step: cfg.lr, feed,
+                  lambda model, batch, d, step: flow_step_loss(model, batch, d, flow),
+                  lambda step, device: draw_step(cfg.seed, step, cfg.global_batch, shape, device),
+                  clip=cfg.grad_clip, ema=Ema(cfg.ema_decay), derive=by_time, title="train-dit")
 
 
-def _prune(root: Path, newest: str, keep: int) -> None:
-    """Keep the last `keep` checkpoints up to `newest`; later ones are left by an abandoned run (a resume that fell
-    back from a damaged checkpoint) and are re-made as training reaches them."""
-    names = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
-    kept = [n for n in names if n <= newest][-keep:]
-    for name in names:
-        if name not in kept:
-            shutil.rmtree(root / name)
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
-class SavedState(NamedTuple):
-    """A checkpoint's training state, read in full before any of it is applied."""
-
-    model: dict
-    ema: dict
-    opt: dict
-    step: int
-    history: list
-
-
-def load_checkpoint(out: Path, state: TrainState, acc) -> tuple[int, list]:
-    """Restore model, EMA and optimizer from latest.json; returns (step, loss history). (0, []) if none.
-
-    If latest.json's checkpoint is unreadable (a damaged disk, a copy cut short), resume from the newest older
-    one that reads, with a warning; if none does, an ArtifactError names it and says what to do."""
-    if not (out / LATEST).exists():
-        return 0, []
-    latest = out / json.loads((out / LATEST).read_text())["path"]
-    saved = _newest_readable([latest, *_older_checkpoints(latest)], acc.device)
-    acc.unwrap_model(state.model).load_state_dict(saved.model)
-    state.ema.load_state_dict(saved.ema)
-    state.opt.load_state_dict(saved.opt)
-    return saved.step, saved.history
-
-
-def _older_checkpoints(ckpt: Path) -> list[Path]:
-    """The committed checkpoints before `ckpt`, newest first."""
-    if not ckpt.parent.is_dir():
-        return []
-    return sorted((p for p in ckpt.parent.iterdir() if not p.name.startswith(".") and p.name < ckpt.name),
-                  reverse=True)
-
-
-def _newest_readable(candidates: list[Path], device) -> SavedState:
-    errors = []
-    for ckpt in candidates:
-        try:
-            saved = read_checkpoint(ckpt, device)
-        except ArtifactError as e:
-            errors.append(str(e))
-            continue
-        if errors:
-            get_logger(__name__).warning("%s; resuming from %s instead (later steps are retrained and their "
-                                         "checkpoints rewritten)", "; ".join(errors), ckpt)
-        return saved
-    out = candidates[0].parent.parent
-    raise ArtifactError(f"{errors[0]}; there is no older readable checkpoint. Restore it, or delete "
-                        f"{out / 'checkpoints'} and {out / LATEST} (or re-run with --overwrite) to train from step 0")
-
-
-def read_checkpoint(ckpt: Path, device) -> SavedState:
-    """Every training-state file of checkpoints/<step>/; ArtifactError naming the folder if one is unreadable."""
-    try:
-        model = load_file(str(ckpt / "model.safetensors"), device=str(device))
-        ema = load_file(str(ckpt / "ema.safetensors"), device=str(device))
-        opt = torch.load(ckpt / "state" / "optimizer.pt", map_location=device, weights_only=True)
-        meta = json.loads((ckpt / "state" / "state.json").read_text())
-        step, history = meta["step"], meta["history"]
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
-        raise ArtifactError(f"{ckpt}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-    if ckpt.name != f"{step:09d}":
-        raise ArtifactError(f"{ckpt}: unreadable checkpoint (its state.json says step {step})")
-    return SavedState(model, ema, opt, step, history)
-
-
-def publish_final(out: Path, ckpt: Path) -> None:
-    """Copy the final checkpoint's inference files to <out>/ckpt (tmp folder + rename)."""
-    tmp, final = out / ".tmp-ckpt", out / "ckpt"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name in ("model.safetensors", "ema.safetensors", "config.json", "latent_stats.safetensors"):
-        shutil.copy2(ckpt / name, tmp / name)
-    _fsync_tree(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-
-
-# ------------------------------------------------------------------------------------------------ logging
-
-
-def log_scalars(writer, stats: StepStats, step: int, lr: float, rate: float, device: torch.device) -> None:
-    """Loss, loss by time bucket, grad norm, lr, throughput and memory to TensorBoard."""
-    writer.add_scalar("train/loss", stats.loss, step)
-    bucket = torch.clamp((stats.t * TIME_BUCKETS).long(), max=TIME_BUCKETS - 1)
-    for b in range(TIME_BUCKETS):
-        sel = bucket == b
-        if sel.any():
-            writer.add_scalar(f"loss_by_t/{b / TIME_BUCKETS:.2f}-{(b + 1) / TIME_BUCKETS:.2f}",
-                              stats.per_sample[sel].mean().item(), step)
-    writer.add_scalar("train/grad_norm", stats.grad_norm, step)
-    writer.add_scalar("train/lr", lr, step)
-    writer.add_scalar("perf/samples_per_s", rate, step)
-    if device.type == "cuda":
-        writer.add_scalar("perf/max_mem_gb", torch.cuda.max_memory_allocated(device) / 2**30, step)
-
-
-def plot_loss(history: list, path: Path) -> None:
-    """loss.png from the (step, loss) history."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if history:
-        steps, losses = zip(*history)
-        ax.plot(steps, losses)
-    ax.set(xlabel="step", ylabel="flow-matching MSE", yscale="log", title="train-dit loss")
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=100)
-    plt.close(fig)
-    os.replace(path.with_suffix(".tmp.png"), path)
-
-
-def sample_grid(ema: DiT, cfg: Config, data: LatentData, ctx: RunContext, step: int, writer) -> None:
-    """Decode 8 classes x 4 EMA samples through FlatDINO and the pixel decoder; PNG + TensorBoard image."""
+def grid_event(cfg: Config, trainer: Trainer, data: LatentData, kappa: float) -> Event:
+    """Every --sample-every steps: 8 classes x 4 EMA samples through FlatDINO and the pixel decoder (PNG + tracker)."""
     from models.encoder import PixelDecoder, load_rae
-    from models.flatdino import load_weights
-    from models.flow import class_balanced_labels, sample, sample_noise
-    from PIL import Image
+    from models.flow import class_balanced_labels
+    from pipeline.artifacts import load_flatdino
+    from pipeline.grids import save_grid
+    from pipeline.sampling import Chain, Sampling, check_decoder, generate
 
-    device = ctx.accelerator.device
-    if ctx.decoders is None:
-        ctx.decoders = (load_weights(cfg.flatdino, device)[0], PixelDecoder(load_rae(cfg.rae)).to(device).eval())
-    vae, pixels = ctx.decoders
-    labels = class_balanced_labels(min(8, data.num_classes), 4).to(device)
-    noise = sample_noise(cfg.seed, range(len(labels)), tuple(data.z.shape[1:])).to(device)
-    z = sample(ema, labels, noise, steps=50, cfg_scale=1.0, kappa=ctx.kappa)
-    if cfg.normalise:
-        z = (z.double() * data.std.to(device) + data.mean.to(device)).float()
-    with torch.no_grad():
-        img = pixels.to_uint8(pixels(vae.decode(z)))  # (B, H, W, 3) uint8
-    grid = img.view(-1, 4, *img.shape[1:]).permute(0, 2, 1, 3, 4).flatten(2, 3).flatten(0, 1).cpu()  # (R H, 4 W, 3)
-    (cfg.out / "samples").mkdir(exist_ok=True)
-    Image.fromarray(grid.numpy()).save(cfg.out / "samples" / f"step-{step:09d}.png")
-    writer.add_image("samples", grid.permute(2, 0, 1), step)
+    device, loaded = trainer.rt.device, {}
+
+    def fn(step: int) -> None:
+        if not trainer.rt.is_main:
+            return None
+        if not loaded:
+            vae, vae_cfg, vae_m = load_flatdino(cfg.flatdino, "best", device)
+            rae = load_rae(cfg.rae)
+            check_decoder(rae, vae_m, str(cfg.rae))
+            std = (data.mean.to(device), data.std.to(device)) if cfg.standardize_latents else (None, None)
+            loaded["chain"] = Chain(trainer.ema, vae.eval(), PixelDecoder(rae).to(device).eval(), kappa, *std,
+                                    data.num_classes, tuple(vae_cfg.latent_shape), {}, {})
+        classes, per = min(8, data.num_classes), 4
+        labels = class_balanced_labels(classes, per)
+        images = generate(loaded["chain"], Sampling(seed=cfg.seed), list(range(len(labels))), labels, device)
+        path = save_grid(cfg.out / "samples" / f"step-{step:09d}.png",
+                         [images[c * per : (c + 1) * per] for c in range(classes)])
+        from PIL import Image
+
+        trainer.log_image("samples", np.asarray(Image.open(path)), step)
+        return None
+
+    return Event("samples", cfg.sample_every, fn)
 
 
 # ------------------------------------------------------------------------------------------------ stage
 
 
-def setup(cfg: Config, data: LatentData):
-    """Accelerator, model, EMA, optimizer and the per-run context."""
-    from accelerate import Accelerator
-
-    acc = Accelerator(cpu=cfg.device == "cpu")
-    dist = Dist(acc.process_index, acc.num_processes)
-    dit = model_config(cfg, data)
-    torch.manual_seed(cfg.seed)  # weight init only; every training draw uses an explicit generator
-    model = DiT(dit).to(acc.device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()  # EMA starts as a copy (SPEC 7.3)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=BETAS, eps=ADAM_EPS, weight_decay=cfg.weight_decay)
-    model, opt = acc.prepare(model, opt)
-    ctx = RunContext(acc, dist, micro_size(cfg, dist), resolved_kappa(cfg, dit), dit.null_class,
-                     resolve_precision(cfg.precision, acc.device), dit)
-    return TrainState(model, ema, opt), ctx
-
-
-def save(cfg: Config, state: TrainState, ctx: RunContext, data: LatentData, step: int, history: list) -> Path:
-    return save_checkpoint(cfg.out, state, checkpoint_config(cfg, ctx.dit, data, step), history,
-                           ctx.accelerator, cfg.keep, {"mean": data.mean, "std": data.std})
-
-
-def run(cfg: Config) -> Manifest:
+def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
     """Train (or resume) to `cfg.steps` optimizer steps; returns the manifest of the finished run."""
-    log = get_logger(__name__)
+    t0 = time.time()
     config = {**cfg_dict(cfg, semantic_only=True),
               "latents_fingerprint": require_complete(cfg.latents, "latents").fingerprint}
-    with OutputDir(cfg.out, "train_dit", config, overwrite=cfg.overwrite) as od:
+    rt = rt or launch(cfg.device, cfg.precision)
+    with OutputDir(cfg.out, "train_dit", config, overwrite=cfg.overwrite and rt.is_main, lock=rt.is_main) as od:
         if od.done:
             log.info("%s: already complete (step %d)", cfg.out, od.manifest.extra["step"])
             return od.manifest
-        data = load_data(cfg)
-        state, ctx = setup(cfg, data)
-        acc, dist = ctx.accelerator, ctx.dist
-        data = map_rows(cfg, data, dist, acc.wait_for_everyone)
-        start, history = load_checkpoint(cfg.out, state, acc)
-        if start:
-            log.info("resuming from step %d", start)
-        writer = _writer(cfg, dist)
-        bar, t0, last_good = progress(cfg.steps, "train-dit", "step", dist, initial=start), time.time(), start
-        for step in range(start, cfg.steps):
-            try:
-                stats = train_step(state, data, cfg, step, ctx)
-            except TrainingDiverged as e:
-                raise TrainingDiverged(f"{e}; weights were not updated. The last good checkpoint is step "
-                                       f"{last_good} in {cfg.out} (resume from it with a lower --lr).") from None
-            done = step + 1
-            bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                history.append([done, stats.loss])
-                rate = cfg.global_batch * (done - start) / max(time.time() - t0, 1e-9)
-                bar.set_postfix(loss=f"{stats.loss:.4f}")
-                if writer is not None:
-                    log_scalars(writer, stats, done, cfg.lr, rate, acc.device)
-            if (done % cfg.ckpt_every == 0 or done == cfg.steps) and dist.is_main:
-                last_ckpt, last_good = save(cfg, state, ctx, data, done, history), done
-            if writer is not None and cfg.sample_every and cfg.flatdino and cfg.rae and done % cfg.sample_every == 0:
-                sample_grid(state.ema, cfg, data, ctx, done, writer)
-            acc.wait_for_everyone()
-        bar.close()
-        if not dist.is_main:
+        data = map_rows(cfg, load_data(cfg), rt)
+        dit = model_config(cfg, data)
+        trainer = Trainer(recipe(cfg, data, rt, dit), cfg, od.path, rt, cfg.seed)
+        if cfg.sample_every and cfg.flatdino and cfg.rae:
+            trainer.r.events.append(grid_event(cfg, trainer, data, resolved_kappa(cfg, dit)))
+        trainer.fit()
+        if not trainer.complete or not rt.is_main:
             return None
-        if start == cfg.steps:  # everything was already trained; (re)publish from the latest checkpoint
-            last_ckpt = _latest_checkpoint(cfg)
-        publish_final(cfg.out, last_ckpt)
+        publish_final(cfg, trainer, dit, data)
         shutil.rmtree(cfg.out / "cache", ignore_errors=True)  # the other ranks' open mappings stay valid
-        plot_loss(history, cfg.out / "loss.png")
-        if writer is not None:
-            writer.close()
-        return od.finish(_manifest(cfg, ctx, data, history, time.time() - t0))
+        trainer.plot(cfg.out / "loss.png", "flow-matching MSE")
+        return od.finish(_manifest(cfg, trainer, dit, data, rt, time.time() - t0))
 
 
-def _latest_checkpoint(cfg: Config) -> Path:
-    """latest.json's checkpoint, after the pruning that a run killed right after writing latest.json missed."""
-    ckpt = cfg.out / json.loads((cfg.out / LATEST).read_text())["path"]
-    _prune(ckpt.parent, ckpt.name, cfg.keep)
-    return ckpt
+def publish_final(cfg: Config, trainer: Trainer, dit: DiTConfig, data: LatentData) -> None:
+    """`<out>/ckpt/`: model, EMA, latent statistics and config, what `sample` loads."""
+    publish(cfg.out, "ckpt", {"model.safetensors": trainer.raw.state_dict(),
+                              "ema.safetensors": trainer.ema.state_dict(),
+                              "latent_stats.safetensors": {"mean": data.mean, "std": data.std}},
+            {"config.json": checkpoint_config(cfg, dit, data, trainer.state["step"])})
 
 
-def _writer(cfg: Config, dist: Dist):
-    if not dist.is_main:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(cfg.out / "tb"))
-
-
-def _manifest(cfg: Config, ctx: RunContext, data: LatentData, history: list, seconds: float) -> Manifest:
-    from pipeline.manifest import file_sha256
-
+def _manifest(cfg: Config, trainer: Trainer, dit: DiTConfig, data: LatentData, rt: Runtime, seconds: float):
     ema_sha = file_sha256(cfg.out / "ckpt" / "ema.safetensors")
+    history = trainer.state["log"]
     return Manifest(stage="train_dit",
                     inputs={"latents": {"path": str(cfg.latents), "fingerprint": data.fingerprint}},
                     models={"ema": {"path": "ckpt/ema.safetensors", "sha256": ema_sha}},
                     shards=[{"name": "ckpt/ema.safetensors", "sha256": ema_sha}],
                     counts={"written": cfg.steps, "skipped": 0, "failed": 0},
-                    extra={"kappa": ctx.kappa, "normalise": cfg.normalise, "step": cfg.steps,
-                           "dit": config_to_dict(ctx.dit), "final_loss": history[-1][1] if history else None,
-                           "precision": ctx.precision, "world_size": ctx.dist.world},
+                    extra={"kappa": resolved_kappa(cfg, dit), "standardize_latents": cfg.standardize_latents,
+                           "step": cfg.steps, "dit": config_to_dict(dit),
+                           "final_loss": history[-1]["loss"] if history else None,
+                           "precision": rt.precision, "world_size": rt.world},
                     versions=environment(), timings={"train_seconds_this_run": seconds}, complete=True)
 
 

@@ -74,3 +74,27 @@ def features_artifact(tmp_path_factory, images_artifact, encoder_dir) -> Path:
     features.run(features.Config(images=images_artifact, encoder=str(encoder_dir), out=out, views=2, batch_size=4,
                                  num_workers=2), dist=Dist())
     return out
+
+
+class Killed(Exception):
+    """Stands in for a kill in the middle of a training step."""
+
+
+@pytest.fixture
+def crash_at(monkeypatch):
+    """`crash_at(step)`: the shared trainer raises `Killed` when it starts update `step` (0-based), as if the process
+    died there; checkpoints written before stay on disk."""
+    from pipeline.train import Trainer
+
+    real = Trainer.update
+
+    def arm(step: int):
+        def update(self, s, *a, **k):
+            if s == step:
+                raise Killed(f"killed at update {step}")
+            return real(self, s, *a, **k)
+
+        monkeypatch.setattr(Trainer, "update", update)
+        return lambda: monkeypatch.setattr(Trainer, "update", real)
+
+    return arm

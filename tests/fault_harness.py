@@ -1,7 +1,7 @@
 """Fault injection for the pipeline stages: make the k-th call of a sink die, fail or pause, then run a stage.
 
 No production code knows about faults: this module patches the sinks the stages write through (the tar writer,
-atomic writes, `os.replace`, `os.fsync`, safetensors/torch checkpoint saves, zarr array writes) in the process that
+atomic writes, `os.replace`, `os.fsync`, checkpoint tensor saves, zarr array writes) in the process that
 runs the stage, then calls the stage's `run(cfg)`. A patched sink counts its calls; on call `k` it acts:
 
     kill_before   SIGKILL before the real call (nothing of this write reaches the disk)
@@ -50,8 +50,7 @@ SINKS: dict[str, tuple[str, str]] = {
     "atomic": ("pipeline.manifest", "atomic_write_bytes"),
     "replace": ("os", "replace"),
     "fsync": ("os", "fsync"),
-    "save_file": ("safetensors.torch", "save_file"),
-    "torch_save": ("torch", "save"),
+    "save_tensors": ("pipeline.checkpoint", "save_tensors"),
     "zarr": ("zarr", "Array.__setitem__"),
     "tar_member": ("tarfile", "TarFile.addfile"),
 }
@@ -79,10 +78,9 @@ def _torn(sink: str, real: Callable, args: tuple, kwargs: dict) -> None:
     elif sink == "atomic":
         path, data = Path(args[0]), args[1]
         path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
-    elif sink in ("save_file", "torch_save"):  # these write straight to their target: a half-written target
+    elif sink == "save_tensors":  # writes straight to its target (inside a temporary folder): a half-written target
         real(*args, **kwargs)
-        target = args[1] if len(args) > 1 else kwargs.get("filename", kwargs.get("f"))
-        _truncate(Path(target))
+        _truncate(Path(args[0]))
     elif sink == "tar_member":  # a member half-written into the open tar
         args[0].fileobj.write(b"\0" * 100)
         args[0].fileobj.flush()
@@ -171,9 +169,9 @@ def execute(spec: dict) -> dict:
     fn = getattr(module, spec.get("run", "run"))
     args = (cfg,)
     if "dist" in spec:
-        from pipeline.runtime import Dist
+        from pipeline.runtime import Runtime
 
-        args = (cfg, Dist(*spec["dist"]))
+        args = (cfg, Runtime(*spec["dist"]))
     inj = Injector(spec.get("sinks", []), spec.get("k", 0), spec.get("action", "count"), spec.get("marker"))
     try:
         with inj:

@@ -18,7 +18,7 @@ import pytest
 
 from fault_harness import make_features_artifact, make_latents_artifact, run_forked, snapshot
 from pipeline.manifest import ArtifactError, ConfigMismatch, TooManyFailures, UserError, read_manifest
-from pipeline.runtime import Dist
+from pipeline.runtime import Dist, Runtime
 from pipeline.shards import ImageShards, encode_int, index_tar_shard, read_tar_shard, write_tar_shard
 from stages import classifier, features, images, train_dit
 
@@ -162,7 +162,7 @@ def test_nan_features_are_named_by_key(tmp_path):
 
     feats, key = make_features_artifact(tmp_path / "feat", "nan")
     with pytest.raises(ArtifactError, match=key):
-        tv.run(_vae_cfg(feats, tmp_path / "vae"), dist=Dist())
+        tv.run(_vae_cfg(feats, tmp_path / "vae"), rt=Runtime())
 
 
 def test_wrong_shape_features_are_named_by_key(tmp_path):
@@ -170,7 +170,7 @@ def test_wrong_shape_features_are_named_by_key(tmp_path):
 
     feats, key = make_features_artifact(tmp_path / "feat", "shape")
     with pytest.raises(ArtifactError, match=key):
-        tv.run(_vae_cfg(feats, tmp_path / "vae"), dist=Dist())
+        tv.run(_vae_cfg(feats, tmp_path / "vae"), rt=Runtime())
 
 
 # ------------------------------------------------------------------------------------------------ latents -> DiT
@@ -196,7 +196,7 @@ def test_damaged_zarr_chunk_is_named_before_training(latents, tmp_path, damage):
 def _interrupted_dit(latents, out: Path, tmp_path: Path) -> None:
     """A train-dit run killed while saving its step-4 checkpoint: latest.json names step 2."""
     spec = {"stage": "stages.train_dit", "config": {**json.loads(json.dumps(_dit_spec(latents))), "out": str(out)},
-            "sinks": ["save_file"], "k": 4, "action": "kill_before"}
+            "sinks": ["save_tensors"], "k": 4, "action": "kill_before"}
     sig, _ = run_forked(spec, tmp_path / "kill.json")
     assert sig == 9 and json.loads((out / "latest.json").read_text())["step"] == 2
 
@@ -276,8 +276,8 @@ def test_half_written_vae_state_is_named(tmp_path):
 
     feats, _ = make_features_artifact(tmp_path / "feat")
     cfg = dataclasses.replace(_vae_cfg(feats, tmp_path / "vae"), epochs=2, max_steps_this_run=2)
-    assert tv.run(cfg, dist=Dist()) is None  # stopped after 2 of 2 x 2 updates; state/ kept
-    weights = tmp_path / "vae" / "state" / "model.safetensors"
+    assert tv.run(cfg, rt=Runtime()) is None  # stopped after 2 of 2 x 2 updates; the step-2 checkpoint kept
+    weights = tmp_path / "vae" / "checkpoints" / "000000002" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(UserError, match="state"):
-        tv.run(dataclasses.replace(cfg, max_steps_this_run=None), dist=Dist())
+    with pytest.raises(UserError, match="000000002: unreadable checkpoint.*no older readable"):
+        tv.run(dataclasses.replace(cfg, max_steps_this_run=None), rt=Runtime())

@@ -91,8 +91,8 @@ def comparable(out: Path) -> dict:
 _SLOW = pytest.mark.slow
 ENOSPC = [("images", "tar", 2), ("images", "fsync", 3), ("features", "fsync", 1),
           pytest.param("features", "atomic", 2, marks=_SLOW), ("train_classifier", "atomic", 2),
-          ("train_dit", "save_file", 2), pytest.param("train_dit", "torch_save", 1, marks=_SLOW),
-          pytest.param("train_dit", "atomic", 1, marks=_SLOW), ("latents", "zarr", 6), ("train_vae", "save_file", 2)]
+          ("train_dit", "save_tensors", 2), pytest.param("train_dit", "save_tensors", 7, marks=_SLOW),
+          pytest.param("train_dit", "atomic", 1, marks=_SLOW), ("latents", "zarr", 6), ("train_vae", "save_tensors", 2)]
 
 
 @pytest.mark.parametrize("stage,sink,k", ENOSPC)
@@ -140,7 +140,7 @@ def test_other_storage_errors_get_the_same_treatment_and_code_errors_do_not(tmp_
     assert res.exit_code == 1 and isinstance(res.exception, FileNotFoundError)  # a bug, not the disk: traceback
 
 
-LOCKED = [("images", "tar", 2), ("train_dit", "save_file", 1)]
+LOCKED = [("images", "tar", 2), ("train_dit", "save_tensors", 1)]
 
 
 @pytest.mark.parametrize("stage,sink,k", LOCKED, ids=[p[0] for p in LOCKED])

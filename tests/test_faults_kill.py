@@ -13,7 +13,7 @@ import pytest
 from fault_harness import Case, kill_then_resume, make_features_artifact, make_latents_artifact, pick_k, reference_run
 
 SHARD_SINKS = ("tar", "atomic", "replace", "fsync", "tar_member")
-TRAIN_SINKS = ("save_file", "torch_save", "atomic", "replace")
+TRAIN_SINKS = ("save_tensors", "atomic", "replace")
 
 
 def _images_case(request) -> Case:
@@ -59,7 +59,7 @@ def _latents_case(request) -> Case:
 
     root = request.getfixturevalue("tmp_path_factory").mktemp("lat-in")
     feats, _ = make_features_artifact(root / "f", n_train=20)
-    tv.run(config_from_dict(tv.Config, {**_vae_config(feats), "epochs": 1, "out": str(root / "vae")}), dist=None)
+    tv.run(config_from_dict(tv.Config, {**_vae_config(feats), "epochs": 1, "out": str(root / "vae")}))
     return Case("latents", "stages.latents", {"features": str(feats), "vae": str(root / "vae"), "shard_samples": 4,
                                               "batch_size": 3, "device": "cpu"}, ("zarr", "atomic", "replace"),
                 dist=(0, 1))
@@ -83,7 +83,7 @@ def _sample_case(request) -> Case:
     vae = make_vae(root / "vae", encoder)
     latents = make_latents(root / "latents", vae)
     train_dit.run(train_dit.Config(latents=latents, out=root / "dit", preset="T", steps=2, global_batch=8,
-                                   normalise=True, device="cpu", ckpt_every=2, log_every=1))
+                                   standardize_latents=True, device="cpu", ckpt_every=2, log_every=1))
     return Case("sample", "stages.sample",
                 {"dit": str(root / "dit"), "vae": str(vae), "decoder": str(encoder), "per_class": 2, "steps": 3,
                  "cfg_scale": 2.0, "cfg_interval": [0.2, 1.0], "chunk_size": 2, "batch_size": 3, "grid_columns": 2,
@@ -122,10 +122,10 @@ FAST = [
     ("features", "replace", "kill_after", 1),
     ("features", "atomic", "kill_during", 0),
     ("train_classifier", "atomic", "kill_during", 0),
-    ("train_dit", "save_file", "kill_during", 0),
+    ("train_dit", "save_tensors", "kill_during", 0),
     ("train_dit", "replace", "kill_after", 0),
-    ("train_dit", "torch_save", "kill_before", 0),
-    ("train_vae", "save_file", "kill_during", 0),
+    ("train_dit", "save_tensors", "kill_before", 1),
+    ("train_vae", "save_tensors", "kill_during", 0),
     ("train_vae", "replace", "kill_after", 0),
     ("latents", "zarr", "kill_after", 0),
     ("latents", "atomic", "kill_during", 0),
@@ -134,9 +134,9 @@ FAST = [
     ("reconstruct", "atomic", "kill_during", 0),
     ("fid_ref", "atomic", "kill_during", 0),
 ]
-VAE_SINKS = ("save_file", "atomic", "replace")  # train-vae saves with safetensors only
+VAE_SINKS = TRAIN_SINKS
 OUTPUT_SINKS = ("atomic", "replace")
-TORN = ("tar", "atomic", "save_file", "torch_save", "tar_member")  # sinks where kill_during differs from kill_before
+TORN = ("tar", "atomic", "save_tensors", "tar_member")  # sinks where kill_during differs from kill_before
 SLOW = [(stage, sink, action, 1) for stage, sinks in
         [("images", SHARD_SINKS), ("features", SHARD_SINKS), ("train_classifier", OUTPUT_SINKS),
          ("train_dit", TRAIN_SINKS), ("train_vae", VAE_SINKS), ("latents", ("zarr", "atomic", "replace")),
@@ -180,5 +180,5 @@ def test_kill_and_rerun_is_byte_identical_more_points(reference, stage, sink, ac
 
 def test_kill_between_checkpoint_commit_and_latent_stats(reference):
     case, ref = reference("train_dit")
-    last = ref.calls["save_file"]  # model, ema, latent_stats per checkpoint: the last call is the final latent_stats
-    kill_then_resume(case, ref, ref.out.with_name("out"), "save_file", "kill_before", last)
+    last = ref.calls["save_tensors"]  # the last call is the published ckpt/'s latent_stats
+    kill_then_resume(case, ref, ref.out.with_name("out"), "save_tensors", "kill_before", last)

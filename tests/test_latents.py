@@ -9,9 +9,11 @@ from test_train_vae import cfg_for, make_features
 
 import stages.latents as lt
 import stages.train_vae as tv
+from pipeline.artifacts import load_flatdino
 from pipeline.latents_store import open_latents
-from pipeline.manifest import ArtifactError
-from pipeline.runtime import Dist
+from pipeline.shards import FeatureShards
+from pipeline.manifest import ArtifactError, require_complete
+from pipeline.runtime import Runtime
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +32,8 @@ def test_rows_are_posterior_means_in_sample_view_order(setup):
     root, feats = setup
     m = lt.run(latents_cfg(root, feats, "one"))
     art = open_latents(root / "one")
-    model, _, _ = tv.load_flatdino(root / "vae")
-    shards = tv.FeatureShards(feats)
+    model, _, _ = load_flatdino(root / "vae")
+    shards = FeatureShards(feats)
     stacked = np.stack([f for _, _, _, f in shards.iter("train")])  # (21, 2, N, D)
     with torch.no_grad():
         want = model.encode(torch.from_numpy(stacked).float().flatten(0, 1)).mu.numpy()
@@ -40,7 +42,7 @@ def test_rows_are_posterior_means_in_sample_view_order(setup):
     assert list(art.view[...]) == [0, 1] * 21 and list(art.sample[...]) == list(np.repeat(np.arange(21), 2))
     assert list(art.label[...]) == list(np.repeat(np.arange(21) % 3, 2))
     assert art.key[0] == art.key[1] == "train_00000000" and art.key[41] == "train_00000020"
-    assert m.inputs["vae"]["fingerprint"] == tv.require_complete(root / "vae", "train_vae").fingerprint
+    assert m.inputs["vae"]["fingerprint"] == require_complete(root / "vae", "train_vae").fingerprint
 
 
 def test_stats_equal_numpy_float64(setup):
@@ -56,10 +58,10 @@ def test_stats_equal_numpy_float64(setup):
 def test_identical_for_one_and_two_processes_and_resume(setup, monkeypatch):
     root, feats = setup
     one = lt.run(latents_cfg(root, feats, "w1"))
-    assert lt.run(latents_cfg(root, feats, "w2"), dist=Dist(0, 2)) is None  # rank 1's shards still missing
-    assert lt.run(latents_cfg(root, feats, "w2"), dist=Dist(1, 2)) is None  # not the main process
+    assert lt.run(latents_cfg(root, feats, "w2"), rt=Runtime(0, 2)) is None  # rank 1's shards still missing
+    assert lt.run(latents_cfg(root, feats, "w2"), rt=Runtime(1, 2)) is None  # not the main process
     assert sorted(lt.committed(root / "w2")) == ["latents-000000", "latents-000001", "latents-000002"]
-    two = lt.run(latents_cfg(root, feats, "w2"), dist=Dist(0, 2))  # rank 0 again: only the statistics remain
+    two = lt.run(latents_cfg(root, feats, "w2"), rt=Runtime(0, 2))  # rank 0 again: only the statistics remain
     assert two.shards == one.shards and two.extra == one.extra
     a, b = open_latents(root / "w1"), open_latents(root / "w2")
     assert np.array_equal(a.mu[...], b.mu[...]) and np.array_equal(a.std, b.std) and np.array_equal(a.mean, b.mean)

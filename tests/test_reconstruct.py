@@ -10,7 +10,7 @@ from PIL import Image
 
 from models.encoder import PixelDecoder, adm_center_crop, init_rae_dir, load_rae, pil_to_uint8
 from pipeline.manifest import ArtifactError, read_manifest
-from pipeline.runtime import Dist
+from pipeline.runtime import Runtime
 from pipeline.shards import FeatureShards, ImageShards, load_rgb
 from stages import reconstruct as rc
 from test_sample import make_vae
@@ -30,12 +30,12 @@ def _cfg(images_artifact, features_artifact, vae_dir, encoder_dir, out, **kw) ->
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, images_artifact, features_artifact, vae_dir, encoder_dir):
     out = tmp_path_factory.mktemp("recon") / "ref"
-    rc.run(_cfg(images_artifact, features_artifact, vae_dir, encoder_dir, out), dist=Dist())
+    rc.run(_cfg(images_artifact, features_artifact, vae_dir, encoder_dir, out), rt=Runtime())
     return out
 
 
 def test_outputs_match_independent_computations(reference, images_artifact, features_artifact, vae_dir, encoder_dir):
-    from stages.train_vae import load_flatdino
+    from pipeline.artifacts import load_flatdino
 
     feats = FeatureShards(features_artifact)
     images = ImageShards(images_artifact)
@@ -67,9 +67,9 @@ def test_outputs_match_independent_computations(reference, images_artifact, feat
 def test_world_size_does_not_change_outputs(reference, images_artifact, features_artifact, vae_dir, encoder_dir,
                                             tmp_path):
     cfg = _cfg(images_artifact, features_artifact, vae_dir, encoder_dir, tmp_path / "w2")
-    assert rc.run(cfg, dist=Dist(0, 2)) is None  # chunk 1 (rank 1's) still missing
-    assert rc.run(cfg, dist=Dist(1, 2)) is None
-    m = rc.run(cfg, dist=Dist(0, 2))
+    assert rc.run(cfg, rt=Runtime(0, 2)) is None  # chunk 1 (rank 1's) still missing
+    assert rc.run(cfg, rt=Runtime(1, 2)) is None
+    m = rc.run(cfg, rt=Runtime(0, 2))
     for name in rc.OUTPUTS:
         assert (cfg.out / f"{name}.npz").read_bytes() == (reference / f"{name}.npz").read_bytes()
     assert m.extra["psnr_flatdino"] == read_manifest(reference).extra["psnr_flatdino"]
@@ -78,11 +78,11 @@ def test_world_size_does_not_change_outputs(reference, images_artifact, features
 def test_refuses_a_decoder_of_another_encoder(images_artifact, features_artifact, vae_dir, tmp_path):
     other = init_rae_dir(tmp_path / "enc2", "tiny", seed=7)
     with pytest.raises(ArtifactError, match="belongs to encoder"):
-        rc.run(_cfg(images_artifact, features_artifact, vae_dir, other, tmp_path / "r"), dist=Dist())
+        rc.run(_cfg(images_artifact, features_artifact, vae_dir, other, tmp_path / "r"), rt=Runtime())
 
 
 def test_refuses_a_vae_of_another_encoder(images_artifact, features_artifact, encoder_dir, tmp_path):
     other_enc = init_rae_dir(tmp_path / "enc3", "tiny", seed=8)
     vae = make_vae(tmp_path / "vae3", other_enc)
     with pytest.raises(ArtifactError, match="trained on features of encoder"):
-        rc.run(_cfg(images_artifact, features_artifact, vae, encoder_dir, tmp_path / "r"), dist=Dist())
+        rc.run(_cfg(images_artifact, features_artifact, vae, encoder_dir, tmp_path / "r"), rt=Runtime())

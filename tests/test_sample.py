@@ -17,7 +17,8 @@ from models.encoder import FeatureEncoder, PixelDecoder, init_rae_dir, load_rae
 from models.flatdino import PRESETS as VAE_PRESETS, FlatDINO, config_to_json
 from pipeline import latents_store
 from pipeline.manifest import ArtifactError, ConfigMismatch, Manifest, file_sha256, read_manifest, write_manifest
-from pipeline.runtime import Dist
+from pipeline.npz import rows_from_chunks, write_npz_streaming
+from pipeline.runtime import Runtime
 from stages import sample as sm
 
 CLASSES = ["zero", "one", "two"]
@@ -73,7 +74,7 @@ def chain_dirs(tmp_path_factory, encoder_dir) -> dict:
     vae = make_vae(root / "vae", encoder_dir)
     latents = make_latents(root / "latents", vae)
     dit = root / "dit"
-    train_dit.run(train_dit.Config(latents=latents, out=dit, preset="T", steps=2, global_batch=8, normalise=True,
+    train_dit.run(train_dit.Config(latents=latents, out=dit, preset="T", steps=2, global_batch=8, standardize_latents=True,
                                    device="cpu", ckpt_every=2, log_every=1))
     return {"vae": vae, "latents": latents, "dit": dit, "decoder": str(encoder_dir)}
 
@@ -87,7 +88,7 @@ def _cfg(dirs: dict, out: Path, **kw) -> sm.Config:
 @pytest.fixture(scope="module")
 def reference(chain_dirs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("samples") / "ref"
-    sm.run(_cfg(chain_dirs, out), dist=Dist())
+    sm.run(_cfg(chain_dirs, out), rt=Runtime())
     return out
 
 
@@ -109,7 +110,7 @@ def test_samples_npz_in_adm_format_with_protocol(reference, chain_dirs):
     e = m.extra
     assert (e["sampler"], e["steps"], e["cfg_scale"], e["cfg_interval"], e["per_class"], e["num_samples"]) == \
         ("euler", 3, 2.0, [0.2, 1.0], 2, 6)
-    assert e["ema"] is True and e["normalised"] is True
+    assert e["ema"] is True and e["standardized_latents"] is True
     dit_cfg = json.loads((chain_dirs["dit"] / "ckpt" / "config.json").read_text())
     assert e["kappa"] == dit_cfg["flow"]["kappa"]
     assert set(m.models) == {"dit", "vae", "decoder"} and m.inputs["latents"]["fingerprint"]
@@ -145,7 +146,7 @@ def test_chain_matches_an_independent_recomputation(reference, chain_dirs):
     """Noise (seed, index) -> DiT EMA Euler/CFG -> x std + mean from latents.zarr -> FlatDINO decode -> RAE -> uint8."""
     from models.dit import load_dit
     from models.flow import sample, sample_noise
-    from stages.train_vae import load_flatdino
+    from pipeline.artifacts import load_flatdino
 
     dit, full = load_dit(chain_dirs["dit"], ema=True)
     vae, _, _ = load_flatdino(chain_dirs["vae"])
@@ -165,7 +166,7 @@ def test_chain_matches_an_independent_recomputation(reference, chain_dirs):
 
 
 def test_batch_size_does_not_change_samples(reference, chain_dirs, tmp_path):
-    sm.run(_cfg(chain_dirs, tmp_path / "b1", batch_size=1), dist=Dist())
+    sm.run(_cfg(chain_dirs, tmp_path / "b1", batch_size=1), rt=Runtime())
     with np.load(reference / sm.SAMPLES) as a, np.load(tmp_path / "b1" / sm.SAMPLES) as b:
         diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
         assert diff.max() <= 1 and (diff == 0).mean() > 0.999  # float reduction order only
@@ -174,10 +175,10 @@ def test_batch_size_does_not_change_samples(reference, chain_dirs, tmp_path):
 
 def test_world_size_does_not_change_samples(reference, chain_dirs, tmp_path):
     cfg = _cfg(chain_dirs, tmp_path / "w2")
-    assert sm.run(cfg, dist=Dist(0, 2)) is None  # rank 0 writes chunk 0; chunk 1 is missing
-    assert sm.run(cfg, dist=Dist(1, 2)) is None  # rank 1 writes chunk 1 only
+    assert sm.run(cfg, rt=Runtime(0, 2)) is None  # rank 0 writes chunk 0; chunk 1 is missing
+    assert sm.run(cfg, rt=Runtime(1, 2)) is None  # rank 1 writes chunk 1 only
     assert not (cfg.out / sm.SAMPLES).exists()
-    m = sm.run(cfg, dist=Dist(0, 2))  # rank 0 again: nothing left to sample, assembles
+    m = sm.run(cfg, rt=Runtime(0, 2))  # rank 0 again: nothing left to sample, assembles
     assert (cfg.out / sm.SAMPLES).read_bytes() == (reference / sm.SAMPLES).read_bytes()
     assert [s["sha256"] for s in m.shards] == [s["sha256"] for s in read_manifest(reference).shards]
 
@@ -194,33 +195,33 @@ def test_resume_after_a_crash_and_noop_rerun(reference, chain_dirs, tmp_path, mo
 
     monkeypatch.setattr(sm, "write_chunk", crashing)
     with pytest.raises(KeyboardInterrupt):
-        sm.run(cfg, dist=Dist())
+        sm.run(cfg, rt=Runtime())
     assert (cfg.out / "chunk-000000.npz").exists() and not (cfg.out / sm.SAMPLES).exists()
     monkeypatch.setattr(sm, "write_chunk", lambda *a, **k: pytest.fail("chunk 0 must not be regenerated")
                         if a[3].index == 0 else real(*a, **k))
-    sm.run(cfg, dist=Dist())
+    sm.run(cfg, rt=Runtime())
     assert (cfg.out / sm.SAMPLES).read_bytes() == (reference / sm.SAMPLES).read_bytes()
     monkeypatch.setattr(sm, "write_chunk", lambda *a, **k: pytest.fail("a finished run must not sample"))
-    sm.run(cfg, dist=Dist())
+    sm.run(cfg, rt=Runtime())
     with pytest.raises(ConfigMismatch):
-        sm.run(replace(cfg, cfg_scale=3.0), dist=Dist())
+        sm.run(replace(cfg, cfg_scale=3.0), rt=Runtime())
 
 
 def test_refuses_a_vae_that_did_not_make_the_latents(chain_dirs, tmp_path, encoder_dir):
     other = make_vae(tmp_path / "vae2", encoder_dir, seed=1)
     with pytest.raises(ArtifactError, match="pass the VAE that made"):
-        sm.run(replace(_cfg(chain_dirs, tmp_path / "s"), vae=other), dist=Dist())
+        sm.run(replace(_cfg(chain_dirs, tmp_path / "s"), vae=other), rt=Runtime())
 
 
 def test_refuses_another_vae_checkpoint_than_the_latents(chain_dirs, tmp_path):
     with pytest.raises(ArtifactError, match="drop --vae-weights"):
-        sm.run(replace(_cfg(chain_dirs, tmp_path / "s"), vae_weights="last"), dist=Dist())
+        sm.run(replace(_cfg(chain_dirs, tmp_path / "s"), vae_weights="last"), rt=Runtime())
 
 
 def test_refuses_a_decoder_of_another_encoder(chain_dirs, tmp_path):
     other = init_rae_dir(tmp_path / "enc2", "tiny", seed=5)
     with pytest.raises(ArtifactError, match="belongs to encoder"):
-        sm.run(replace(_cfg(chain_dirs, tmp_path / "s"), decoder=str(other)), dist=Dist())
+        sm.run(replace(_cfg(chain_dirs, tmp_path / "s"), decoder=str(other)), rt=Runtime())
     assert not (tmp_path / "s").exists()  # refused before any work
 
 
@@ -230,7 +231,7 @@ def test_refuses_latents_that_are_not_the_dits(chain_dirs, tmp_path):
     m.extra["classes"] = ["x", "y", "z"]  # another artifact (different fingerprint)
     write_manifest(lat, m)
     with pytest.raises(ArtifactError, match="--latents"):
-        sm.run(replace(_cfg(chain_dirs, tmp_path / "s"), latents=lat), dist=Dist())
+        sm.run(replace(_cfg(chain_dirs, tmp_path / "s"), latents=lat), rt=Runtime())
 
 
 def test_streaming_npz_equals_np_savez(tmp_path):
@@ -238,12 +239,12 @@ def test_streaming_npz_equals_np_savez(tmp_path):
     a = rng.integers(0, 256, (7, 4, 5, 3), dtype=np.uint8)
     y = np.arange(7, dtype=np.int64)
     parts = [lambda s=s: {"arr_0": a[s : s + 3], "arr_1": y[s : s + 3]} for s in range(0, 7, 3)]
-    sm.write_npz_streaming(tmp_path / "s.npz", {"arr_0": (np.uint8, a.shape), "arr_1": (np.int64, y.shape)}, parts)
+    write_npz_streaming(tmp_path / "s.npz", {"arr_0": (np.uint8, a.shape), "arr_1": (np.int64, y.shape)}, parts)
     with np.load(tmp_path / "s.npz") as z:
         np.testing.assert_array_equal(z["arr_0"], a)
         np.testing.assert_array_equal(z["arr_1"], y)
     with pytest.raises(ValueError, match="header says"):
-        sm.write_npz_streaming(tmp_path / "bad.npz", {"arr_0": (np.uint8, (8, 4, 5, 3))}, parts)
+        write_npz_streaming(tmp_path / "bad.npz", {"arr_0": (np.uint8, (8, 4, 5, 3))}, parts)
     assert not (tmp_path / "bad.npz").exists()
 
 
@@ -256,4 +257,4 @@ def test_grid_indices_pick_evenly_spaced_classes():
 def test_rows_from_chunks_reads_across_chunk_boundaries(reference):
     records = [s for s in read_manifest(reference).shards if s["name"].startswith("chunk-")]
     with np.load(reference / sm.SAMPLES) as z:
-        np.testing.assert_array_equal(sm.rows_from_chunks(reference, records, [5, 0, 3, 4]), z["arr_0"][[5, 0, 3, 4]])
+        np.testing.assert_array_equal(rows_from_chunks(reference, records, [5, 0, 3, 4]), z["arr_0"][[5, 0, 3, 4]])

@@ -4,7 +4,6 @@ and the stage end to end (outputs loadable by load_rae, no-op re-run, refusal, b
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,9 +15,12 @@ from PIL import Image
 from models.encoder import (IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_NAME, FeatureEncoder, PixelDecoder, build_rae,
                             init_rae_dir, load_rae)
 from pipeline.manifest import ArtifactError, ConfigMismatch, UserError
-from pipeline.runtime import torch_generator
 from pipeline.shards import FeatureShards, ImageShards
+from conftest import Killed
+from pipeline.image_metrics import LPIPS
+from pipeline.shards import PairData
 from stages import train_decoder as td
+from test_image_metrics import lpips_file
 
 
 # ------------------------------------------------------------------------------------- decoder output conventions
@@ -53,18 +55,10 @@ def test_to_uint8_denormalises_clips_and_rounds_half_up():
     assert got.min() == 0 and got.max() == 255  # clipping happened
 
 
-def test_normalise_inverts_to_uint8():
+def test_to_normalized_pixels_inverts_to_uint8():
     dec = PixelDecoder(build_rae("tiny"))
     x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
-    np.testing.assert_array_equal(dec.to_uint8(td.normalise(x)).numpy(), x.permute(0, 2, 3, 1).numpy())
-
-
-def test_psnr_against_numpy():
-    rng = np.random.default_rng(1)
-    a = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
-    b = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
-    mse = ((a.astype(np.float64) - b) ** 2).reshape(3, -1).mean(1)
-    np.testing.assert_allclose(td.psnr(torch.from_numpy(a), torch.from_numpy(b)).numpy(), 10 * np.log10(255**2 / mse))
+    np.testing.assert_array_equal(dec.to_uint8(td.to_normalized_pixels(x)).numpy(), x.permute(0, 2, 3, 1).numpy())
 
 
 # ------------------------------------------------------------------------------------------------ strict loading
@@ -104,73 +98,31 @@ def test_build_decoder_rae_keeps_the_encoder_and_changes_the_decoder(encoder_dir
 # ----------------------------------------------------------------------------------------------------------- LPIPS
 
 
-def _lpips_file(path: Path, suffix: str = ".pth", drop: str | None = None) -> Path:
-    torch.manual_seed(0)
-    vgg = {f"features.{k}": v for k, v in td.vgg16_features().state_dict().items()}
-    vgg["classifier.0.weight"] = torch.zeros(2, 2)  # torchvision files carry the classifier: it must be dropped
-    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(td.VGG_CHANNELS)}
-    state = {**vgg, **heads}
-    if drop:
-        state.pop(drop)
-    f = path / f"lpips{suffix}"
-    if suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in state.items()}, f)
-    else:
-        torch.save(state, f)
-    return f
-
-
-def test_vgg16_trunk_has_torchvisions_layout():
-    from torchvision.models.vgg import cfgs, make_layers
-
-    theirs = {k: v.shape for k, v in make_layers(cfgs["D"]).state_dict().items()}
-    ours = {k: v.shape for k, v in td.vgg16_features().state_dict().items()}
-    assert ours == theirs  # torchvision's trunk ends with a weight-free max-pool after relu5_3
-
-
-def test_lpips_from_a_local_file(tmp_path):
-    model = td.load_lpips(_lpips_file(tmp_path))
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
-    d_ab, d_ba, d_aa = model(a, b), model(b, a), model(a, a)
-    assert d_aa.abs().max() == 0
-    torch.testing.assert_close(d_ab, d_ba)
-    assert (d_ab > 0).all()
-    # a slightly perturbed image is closer than an unrelated one
-    assert (model(a, a + 0.05 * torch.randn(a.shape, generator=g)) < d_ab).all()
-    st = td.load_lpips(_lpips_file(tmp_path, ".safetensors"))
-    torch.testing.assert_close(st(a, b), d_ab)
-
-
-def test_lpips_file_is_loaded_strictly(tmp_path):
-    with pytest.raises(UserError, match="not an LPIPS"):
-        td.load_lpips(_lpips_file(tmp_path, drop="lin2.model.1.weight"))
-    with pytest.raises(UserError, match="no such file"):
-        td.load_lpips(tmp_path / "missing.pth")
-
-
 def test_lpips_modes(tmp_path, caplog):
     base = td.Config(images=Path("i"), features=Path("f"), encoder="e", out=Path("o"))
     assert td.maybe_lpips(replace(base, lpips="off", lpips_weights=tmp_path / "x")) is None
     with pytest.raises(UserError, match="--lpips on needs --lpips-weights"):
         td.maybe_lpips(replace(base, lpips="on"))
     assert td.maybe_lpips(replace(base, lpips="auto")) is None
-    assert isinstance(td.maybe_lpips(replace(base, lpips="on", lpips_weights=_lpips_file(tmp_path))), td.LPIPS)
+    assert isinstance(td.maybe_lpips(replace(base, lpips="on", lpips_weights=lpips_file(tmp_path))), LPIPS)
 
 
 # -------------------------------------------------------------------------------------- augmentation and schedules
 
 
-def test_noise_features_draws_one_sigma_per_sample_within_tau():
-    x = torch.zeros(64, 256, 32)
-    y = td.noise_features(x, 0.5, torch_generator(0, "noise", 0))
+def test_feature_noise_draws_one_sigma_per_sample_within_tau():
+    """RAE's noise augmentation: tokens + sigma * eps with sigma ~ U[0, tau] per sample, a function of (seed, step)."""
+    cfg = replace(td.resolve(td.Config(images=Path("i"), features=Path("f"), encoder="e", out=Path("o"),
+                                       preset="demo")), batch_size=64, noise_tau=0.5)
+    d = td.draw_noise(cfg, 0, (256, 32), torch.device("cpu"))
+    y = d["sigma"] * d["eps"]
     sigma = y.flatten(1).std(1)
     assert sigma.max() < 0.5 * 1.05 and sigma.min() >= 0
     assert abs(sigma.mean().item() - 0.25) < 0.05  # E[U(0, tau)] = tau / 2
-    torch.testing.assert_close(y, td.noise_features(x, 0.5, torch_generator(0, "noise", 0)))
-    assert td.noise_features(x, 0.0, torch_generator(0)) is x
+    again = td.draw_noise(cfg, 0, (256, 32), torch.device("cpu"))
+    assert torch.equal(again["eps"], d["eps"]) and not torch.equal(td.draw_noise(cfg, 1, (256, 32), "cpu")["eps"],
+                                                                    d["eps"])
+    assert td.draw_noise(replace(cfg, noise_tau=0.0), 0, (256, 32), "cpu") == {}
 
 
 def test_batch_rows_walk_seeded_epoch_permutations():
@@ -204,27 +156,12 @@ def test_resolve_fills_only_unset_knobs():
         td.resolve(replace(cfg, steps=0))
 
 
-def test_optimizer_state_round_trip():
-    model = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(4, 3)).sum().backward()
-    opt.step()
-    tensors, meta = td._flat_optimizer(opt)
-    meta = json.loads(json.dumps(meta))
-    restored = td._unflat_optimizer(tensors, meta)
-    opt2 = torch.optim.AdamW(model.parameters(), lr=0.1)
-    opt2.load_state_dict(restored)
-    for pid, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            torch.testing.assert_close(opt2.state_dict()["state"][pid][k], v)
-
-
 # ------------------------------------------------------------------------------------------------------ data join
 
 
 def test_pair_data_joins_features_and_flipped_targets(images_artifact, features_artifact):
     images, feats = ImageShards(images_artifact), FeatureShards(features_artifact)
-    data = td.PairData(images, feats, "train", cache_bytes=1 << 30)
+    data = PairData(images, feats, "train", cache_bytes=1 << 30)
     assert len(data) == 2 * feats.num_samples("train")
     f, x = data.rows([0, 1, 4])
     key, _, want = feats.get(0, "train")
@@ -244,7 +181,7 @@ def test_pair_data_joins_features_and_flipped_targets(images_artifact, features_
 
 def _cfg(images_artifact, features_artifact, encoder_dir, out, **kw) -> td.Config:
     base = dict(images=images_artifact, features=features_artifact, encoder=str(encoder_dir), out=out, steps=6,
-                preset="demo", batch_size=4, eval_every=3, checkpoint_every=2, eval_samples=4, grid_samples=3,
+                preset="demo", batch_size=4, eval_every=3, ckpt_every=2, eval_samples=4, grid_samples=3,
                 lpips="off")
     return td.Config(**{**base, **kw})
 
@@ -268,22 +205,14 @@ def test_stage_writes_a_loadable_rae_dir_and_is_idempotent(tmp_path, images_arti
         td.run(replace(cfg, lr=5e-4))
 
 
-def test_resume_after_a_crash_is_bit_exact(tmp_path, images_artifact, features_artifact, encoder_dir, monkeypatch):
+def test_resume_after_a_crash_is_bit_exact(tmp_path, images_artifact, features_artifact, encoder_dir, crash_at):
     clean = td.run(_cfg(images_artifact, features_artifact, encoder_dir, tmp_path / "clean"))
-    real_step, calls = td.train_step, {"n": 0}
-
-    def crashing(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # after the step-2 checkpoint, inside step 4
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
     cfg = _cfg(images_artifact, features_artifact, encoder_dir, tmp_path / "crash")
-    monkeypatch.setattr(td, "train_step", crashing)
-    with pytest.raises(KeyboardInterrupt):
+    disarm = crash_at(3)  # after the step-2 checkpoint, inside step 4
+    with pytest.raises(Killed):
         td.run(cfg)
     assert not (cfg.out / "manifest.json").exists()
-    monkeypatch.setattr(td, "train_step", real_step)
+    disarm()
     resumed = td.run(cfg)
     assert (cfg.out / WEIGHTS_NAME).read_bytes() == (tmp_path / "clean" / WEIGHTS_NAME).read_bytes()
     assert resumed.extra["decoder_fingerprint"] == clean.extra["decoder_fingerprint"]

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 from models.dit import load_dit
 from pipeline import latents_store
 from pipeline.manifest import ConfigMismatch, Manifest, UserError, write_manifest
-from pipeline.runtime import Dist
+from conftest import Killed
+from pipeline.runtime import Runtime
+from pipeline.train import TrainingDiverged
 from stages import train_dit
 
 N, T, F, CLASSES = 24, 8, 16, 3
@@ -69,7 +71,7 @@ def test_run_writes_checkpoint_manifest_and_logs(reference, latents):
         json.loads((latents / "manifest.json").read_text())).fingerprint
     assert m.extra["kappa"] == pytest.approx(np.sqrt(T * F / 4096))
     cfg = json.loads((out / "ckpt" / "config.json").read_text())
-    assert cfg["step"] == 6 and cfg["flow"]["kappa"] == m.extra["kappa"] and cfg["normalise"] is False
+    assert cfg["step"] == 6 and cfg["flow"]["kappa"] == m.extra["kappa"] and cfg["standardize_latents"] is False
     assert cfg["dit"]["tokens"] == T and cfg["dit"]["channels"] == F and cfg["dit"]["num_classes"] == CLASSES
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000004", "000000006"]  # keep = 2
     assert json.loads((out / "latest.json").read_text())["step"] == 6
@@ -101,25 +103,14 @@ def test_loaded_ema_samples(reference):
     assert v.shape == (2, T, F) and torch.isfinite(v).all()
 
 
-class Killed(Exception):
-    pass
-
-
-def test_kill_and_resume_is_bitwise(reference, latents, tmp_path, monkeypatch):
+def test_kill_and_resume_is_bitwise(reference, latents, tmp_path, crash_at):
     out = tmp_path / "run"
-    real = train_dit.train_step
-
-    def dies_at_step_5(state, data, cfg, step, ctx):
-        if step == 4:  # killed after the step-4 checkpoint, in the middle of step 5
-            raise Killed()
-        return real(state, data, cfg, step, ctx)
-
-    monkeypatch.setattr(train_dit, "train_step", dies_at_step_5)
+    disarm = crash_at(4)  # killed after the step-4 checkpoint, in the middle of step 5
     with pytest.raises(Killed):
         train_dit.run(config(latents, out))
     assert json.loads((out / "latest.json").read_text())["step"] == 4
     assert not (out / "manifest.json").exists()
-    monkeypatch.setattr(train_dit, "train_step", real)
+    disarm()
     m = train_dit.run(config(latents, out, log_every=3))  # runtime-only knobs may change on resume
     assert m.complete
     ref_model, ref_ema = weights(reference[0])
@@ -155,9 +146,9 @@ def test_batches_cover_each_epoch_once_and_depend_only_on_step():
     assert not torch.equal(train_dit.batch_indices(10, 4, 0, seed=1), seen[:4])
 
 
-def test_normalised_training_data_is_standardised(latents, tmp_path):
-    cfg = config(latents, tmp_path / "run", normalise=True)
-    data = train_dit.map_rows(cfg, train_dit.load_data(cfg), Dist())
+def test_standardized_training_data_is_standardized(latents, tmp_path):
+    cfg = config(latents, tmp_path / "run", standardize_latents=True)
+    data = train_dit.map_rows(cfg, train_dit.load_data(cfg), Runtime())
     flat = torch.from_numpy(np.array(data.z)).double()
     torch.testing.assert_close(flat.mean(0), torch.zeros(T, F, dtype=torch.float64), atol=1e-6, rtol=0)
     torch.testing.assert_close(flat.std(0, unbiased=False), torch.ones(T, F, dtype=torch.float64), atol=1e-5, rtol=0)
@@ -167,13 +158,13 @@ def test_rows_are_memory_mapped_from_one_cache_file_that_the_run_removes(latents
     """Rank 0 writes the rows once; every process maps them (one page-cache copy per node); the exact stored
     float32 values; a cache left by a killed run is reused; a finished run leaves no cache behind."""
     cfg = config(latents, tmp_path / "run")
-    data = train_dit.map_rows(cfg, train_dit.load_data(cfg), Dist())
+    data = train_dit.map_rows(cfg, train_dit.load_data(cfg), Runtime())
     path = train_dit.cache_path(cfg, data)
     assert isinstance(data.z, np.memmap) and Path(data.z.filename) == path and not data.z.flags.writeable
     np.testing.assert_array_equal(data.z, latents_store.open_latents(latents).mu[...])
     stamp = path.stat().st_mtime_ns
-    assert train_dit.map_rows(cfg, train_dit.load_data(cfg), Dist(1, 2)).z.shape == (N, T, F)  # a rank that waits
-    train_dit.map_rows(cfg, train_dit.load_data(cfg), Dist())
+    assert train_dit.map_rows(cfg, train_dit.load_data(cfg), Runtime(1, 2)).z.shape == (N, T, F)  # a rank that waits
+    train_dit.map_rows(cfg, train_dit.load_data(cfg), Runtime())
     assert path.stat().st_mtime_ns == stamp  # an existing cache (say, of a killed run) is reused, not rewritten
     train_dit.run(cfg)
     assert not (tmp_path / "run" / "cache").exists()
@@ -192,7 +183,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(latents, tmp_path,
                                                        per_sample=res.per_sample * float("nan"))
 
     monkeypatch.setattr(train_dit, "flow_loss", poisoned)
-    with pytest.raises(train_dit.TrainingDiverged, match="last good checkpoint is step 2"):
+    with pytest.raises(TrainingDiverged, match="update 2.*the last checkpoint, step 2, is kept"):
         train_dit.run(config(latents, out))
     assert json.loads((out / "latest.json").read_text())["step"] == 2
     assert (out / "checkpoints" / "000000002" / "ema.safetensors").exists()
@@ -204,23 +195,29 @@ def test_missing_latents_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_sample_grid_through_flatdino_and_pixel_decoder(encoder_dir, tmp_path):
-    """Periodic grids decode EMA samples with a FlatDINO decoder and the RAE pixel decoder (random weights)."""
+def test_sample_grid_through_flatdino_and_pixel_decoder(encoder_dir, features_artifact, tmp_path):
+    """Periodic grids decode EMA samples through the shared `pipeline.sampling.generate` with a trained FlatDINO run and
+    the RAE pixel decoder of the encoder it was trained on (random weights); PNG on disk and in TensorBoard."""
     from PIL import Image
-    from safetensors.torch import save_file
 
-    from models import flatdino
+    import stages.train_vae as tv
+    from pipeline.artifacts import load_flatdino
 
-    vae_cfg = flatdino.PRESETS["demo"]
-    vae_dir = tmp_path / "vae"
-    vae_dir.mkdir()
-    save_file(flatdino.FlatDINO(vae_cfg).state_dict(), str(vae_dir / "model.safetensors"))
-    (vae_dir / "config.json").write_text(json.dumps({"model": flatdino.config_to_json(vae_cfg)}))
+    vae = tmp_path / "vae"
+    tv.run(tv.Config(out=vae, features=features_artifact, preset="demo", variant="demo", steps=2, global_batch=6,
+                     micro_batch=6, val_samples=3, num_workers=1, device="cpu"))
     lat = tmp_path / "lat"
     lat.mkdir()
-    make_latents(lat, shape=vae_cfg.latent_shape)
+    make_latents(lat, shape=load_flatdino(vae)[1].latent_shape)
     out = tmp_path / "grid"
-    train_dit.run(config(lat, out, steps=1, sample_every=1, flatdino=vae_dir, rae=encoder_dir))
-    (png,) = (out / "samples").iterdir()
-    img = np.asarray(Image.open(png))
-    assert img.shape == (CLASSES * 256, 4 * 256, 3) and img.std() > 0
+    train_dit.run(config(lat, out, steps=2, sample_every=1, flatdino=vae, rae=encoder_dir))
+    pngs = sorted((out / "samples").iterdir())
+    assert [p.name for p in pngs] == ["step-000000001.png", "step-000000002.png"]
+    img = np.asarray(Image.open(pngs[0]))
+    assert img.shape == (CLASSES * 258 + 2, 4 * 258 + 2, 3) and img.std() > 0
+    assert not np.array_equal(img, np.asarray(Image.open(pngs[1])))  # the EMA moved between the two grids
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("samples")] == [1, 2]

@@ -5,11 +5,11 @@ import logging
 import shutil
 
 import pytest
-import torch
 
 from pipeline.manifest import ArtifactError
 from stages import train_dit
-from test_train_dit import Killed, assert_same, config, make_latents, weights
+from conftest import Killed
+from test_train_dit import assert_same, config, make_latents, weights
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -26,19 +26,12 @@ def reference(latents, tmp_path_factory):
     return out, train_dit.run(config(latents, out))
 
 
-def _killed_after_step_4(latents, out, monkeypatch):
+def _killed_after_step_4(latents, out, crash_at):
     """Checkpoints 2 and 4 on disk, latest.json -> 4, no manifest."""
-    real = train_dit.train_step
-
-    def dies_at_step_5(state, data, cfg, step, ctx):
-        if step == 4:
-            raise Killed()
-        return real(state, data, cfg, step, ctx)
-
-    with monkeypatch.context() as m:
-        m.setattr(train_dit, "train_step", dies_at_step_5)
-        with pytest.raises(Killed):
-            train_dit.run(config(latents, out))
+    disarm = crash_at(4)
+    with pytest.raises(Killed):
+        train_dit.run(config(latents, out))
+    disarm()
 
 
 @pytest.fixture
@@ -49,11 +42,11 @@ def warnings(caplog):
     root.removeHandler(caplog.handler)
 
 
-@pytest.mark.parametrize("damage", ["model.safetensors", "state/optimizer.pt", "missing"])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, latents, tmp_path, monkeypatch,
+@pytest.mark.parametrize("damage", ["model.safetensors", "optimizer.safetensors", "trainer.json", "missing"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, latents, tmp_path, crash_at,
                                                                   warnings, damage):
     out = tmp_path / "run"
-    _killed_after_step_4(latents, out, monkeypatch)
+    _killed_after_step_4(latents, out, crash_at)
     ckpt = out / "checkpoints" / "000000004"
     if damage == "missing":  # e.g. killed between removing a re-saved step and renaming its replacement
         shutil.rmtree(ckpt)
@@ -68,9 +61,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, lat
     assert warning.rstrip(")").split("resuming from ")[1].startswith(str(out / "checkpoints" / "000000002"))
 
 
-def test_no_readable_checkpoint_is_a_clear_error(latents, tmp_path, monkeypatch):
+def test_no_readable_checkpoint_is_a_clear_error(latents, tmp_path, crash_at):
     out = tmp_path / "run"
-    _killed_after_step_4(latents, out, monkeypatch)
+    _killed_after_step_4(latents, out, crash_at)
     for step in ("000000002", "000000004"):
         (out / "checkpoints" / step / "ema.safetensors").write_bytes(b"\0" * 16)
     with pytest.raises(ArtifactError, match=r"000000004: unreadable checkpoint.*no older readable.*--overwrite"):

@@ -10,9 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 import stages.train_vae as tv
+from conftest import Killed
+from pipeline.artifacts import load_flatdino
 from pipeline.manifest import ConfigMismatch, Manifest, OutputDir
-from pipeline.runtime import Dist
+from pipeline.runtime import Runtime
 from pipeline.shards import encode_int, encode_npy, write_tar_shard
+from pipeline.train import Trainer, TrainingDiverged
+from pipeline.train_data import FeatureData, StreamOrder, random_resized_crop_box
 
 N_PATCH, DIM = 16, 24
 
@@ -61,59 +65,46 @@ def test_plan_matches_official_step_counts():
     assert plan.beta == pytest.approx(1.25e-7) and plan.val_every == 5 * 2502
 
 
-def test_rank_slices_cover_the_global_batch_in_order():
-    plan = tv.Plan(12, 1, 1, 0, 0, 1e-4, 1, 1, 0.0)
-    single = tv.rank_slices(plan, 5, Dist(0, 1))
-    assert [(s.start, s.stop) for s in single] == [(0, 5), (5, 10), (10, 12)]
-    two = tv.rank_slices(plan, 4, Dist(0, 2)) + tv.rank_slices(plan, 4, Dist(1, 2))
-    assert [i for s in two for i in range(s.start, s.stop)] == list(range(12))
-    with pytest.raises(tv.UserError, match="divisible"):
-        tv.rank_slices(plan, 4, Dist(0, 5))
-
-
 def test_stream_order_is_a_permutation_per_epoch():
-    order = tv.StreamOrder(seed=3, num_samples=10, views=2)
+    order = StreamOrder(seed=3, num_samples=10, views=2)
     samples, views = order.lookup(range(0, 25))
     assert sorted(samples[:10]) == list(range(10)) and sorted(samples[10:20]) == list(range(10))
     assert not np.array_equal(samples[:10], samples[10:20]) and set(views) == {0, 1}
-    again, _ = tv.StreamOrder(3, 10, 2).lookup(range(17, 22))
+    again, _ = StreamOrder(3, 10, 2).lookup(range(17, 22))
     assert np.array_equal(again, samples[17:22])
 
 
-def _grads(model, data, plan, cfg, dist):
-    model.zero_grad(set_to_none=True)
-    tv.local_gradients(model, data, plan, cfg, 3, dist, torch.device("cpu"), "fp32")
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def test_gradient_is_independent_of_world_size_and_micro_batch(features, tmp_path):
-    cfg = cfg_for(features, tmp_path)
+def _grads(cfg, rt):
+    """Gradients of update 3 on this (possibly emulated) rank, from a fresh model."""
     data = tv.open_data(cfg)
     model_cfg = tv.resolve_model(cfg, data.dim, data.num_patches)
     plan = tv.make_plan(cfg, data.num_train, model_cfg)
     model = tv.build_model(model_cfg, 0, "cpu")
-    single = _grads(model, data, plan, replace(cfg, micro_batch=8), Dist(0, 1))
-    r0, r1 = (_grads(model, data, plan, cfg, Dist(r, 2)) for r in (0, 1))
+    trainer = Trainer(tv.recipe(cfg, data, plan, model), cfg, cfg.out, rt, cfg.seed)
+    trainer.accumulate(3)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_gradient_is_independent_of_world_size_and_micro_batch(features, tmp_path):
+    """One process with one micro-batch of 8 = the mean over two ranks of two micro-batches of 2 each (DDP averages
+    the ranks' gradients, so each rank weighs its micro-batches by world x share of the global batch)."""
+    cfg = cfg_for(features, tmp_path, micro_batch=2)
+    single = _grads(replace(cfg, micro_batch=8), Runtime())
+    r0, r1 = (_grads(cfg, Runtime(r, 2)) for r in (0, 1))
     for name, g in single.items():
-        torch.testing.assert_close(r0[name] + r1[name], g, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close((r0[name] + r1[name]) / 2, g, rtol=1e-4, atol=1e-7, msg=name)
     assert any(g.abs().sum() > 0 for g in r1.values())
+    assert any(not torch.allclose(r0[n], r1[n]) for n in r0)  # the ranks really saw different samples
 
 
-def test_train_resume_bitwise_and_artifacts(features, tmp_path, monkeypatch):
+def test_train_resume_bitwise_and_artifacts(features, tmp_path, crash_at):
     full = tv.run(cfg_for(features, tmp_path / "full"))
     assert full.complete and full.extra["last_step"] == 5 and full.extra["best_step"] in (2, 4, 5)
-    real_step = tv.train_step
-
-    def crash_at_3(model, opt, data, plan, cfg, step, *a):
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-        return real_step(model, opt, data, plan, cfg, step, *a)
-
-    monkeypatch.setattr(tv, "train_step", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
+    disarm = crash_at(3)
+    with pytest.raises(Killed):
         tv.run(cfg_for(features, tmp_path / "resumed"))
-    monkeypatch.setattr(tv, "train_step", real_step)
-    assert json.loads((tmp_path / "resumed/state/trainer.json").read_text())["step"] == 2
+    disarm()
+    assert json.loads((tmp_path / "resumed/latest.json").read_text())["step"] == 2
     resumed = tv.run(cfg_for(features, tmp_path / "resumed"))
     for which in ("best", "last"):
         a = load_file(tmp_path / "full" / which / "model.safetensors")
@@ -124,7 +115,7 @@ def test_train_resume_bitwise_and_artifacts(features, tmp_path, monkeypatch):
     assert tv.run(cfg_for(features, tmp_path / "full")).fingerprint == full.fingerprint  # complete: no-op
     with pytest.raises(ConfigMismatch):
         tv.run(cfg_for(features, tmp_path / "full", seed=1))
-    model, model_cfg, manifest = tv.load_flatdino(tmp_path / "full")
+    model, model_cfg, manifest = load_flatdino(tmp_path / "full")
     assert model_cfg.feature_dim == DIM and manifest.extra["encoder"]["fingerprint"] == "enc0"
 
 
@@ -132,51 +123,37 @@ def test_stop_after_budget_then_resume_matches(features, tmp_path):
     """--max-steps-this-run stops resumably at any update, not only at checkpoints."""
     full = tv.run(cfg_for(features, tmp_path / "a", val_every=5))
     assert tv.run(cfg_for(features, tmp_path / "b", val_every=5, max_steps_this_run=3)) is None
-    assert json.loads((tmp_path / "b/state/trainer.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "b/latest.json").read_text())["step"] == 3
     assert tv.run(cfg_for(features, tmp_path / "b", val_every=5)).shards == full.shards
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(features, tmp_path, monkeypatch):
+    from pipeline.checkpoint import load_tensors
+
     monkeypatch.setattr(tv, "kl_anneal", lambda step, n: float("nan") if step >= 3 else 1.0)
     cfg = cfg_for(features, tmp_path, ckpt_every=2)
-    with pytest.raises(tv.NonFiniteLoss, match="update 3"):
+    with pytest.raises(TrainingDiverged, match="update 3.*step 2, is kept"):
         tv.run(cfg)
-    last = json.loads((tmp_path / "last/config.json").read_text())
-    state = load_file(tmp_path / "state/model.safetensors")
-    weights = load_file(tmp_path / "last/model.safetensors")
-    assert last["step"] == 2 and all(torch.equal(state[k], weights[k]) for k in state)
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 2
+    weights = load_tensors(tmp_path / "checkpoints" / "000000002" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
+    assert not (tmp_path / "manifest.json").exists()
 
 
 def test_random_resized_crop_box_bounds():
     rng = np.random.default_rng(0)
     for _ in range(200):
         w, h = int(rng.integers(20, 400)), int(rng.integers(20, 400))
-        x0, y0, x1, y1 = tv.random_resized_crop_box(w, h, rng)
+        x0, y0, x1, y1 = random_resized_crop_box(w, h, rng)
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
         area = (x1 - x0) * (y1 - y0) / (w * h)
         assert area >= 0.3 * 0.9 or (x1 - x0 == w or y1 - y0 == h)  # fallback crops span a full side
 
 
-def test_optimizer_state_round_trip():
-    model = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
-    model(torch.randn(4, 3)).sum().backward()
-    opt.step()
-    tensors, meta = tv.optimizer_tensors(opt)
-    restored = tv.optimizer_state_dict(tensors, json.loads(json.dumps(meta)))
-    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    fresh.load_state_dict(restored)
-    a, b = opt.state_dict(), fresh.state_dict()
-    assert a["param_groups"] == b["param_groups"]
-    assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
-
-
-def test_uncached_reader_with_prefetch_matches_ram_cache(features, tmp_path):
+def test_uncached_reader_matches_ram_cache(features, tmp_path):
     cached = tv.open_data(cfg_for(features, tmp_path))
     streamed = tv.open_data(cfg_for(features, tmp_path, cache_gb=0.0))
     assert cached.cache is not None and streamed.cache is None
-    streamed.prefetch([range(8, 12)])
     for r in (range(0, 4), range(8, 12), range(37, 45)):
         assert torch.equal(streamed.batch(r), cached.batch(r))
     assert torch.equal(streamed.val_batch(range(2, 6)), cached.val_batch(range(2, 6)))
@@ -186,6 +163,7 @@ def test_uncached_reader_with_prefetch_matches_ram_cache(features, tmp_path):
 def test_source_images_trains_on_the_fly_and_feeds_latents(images_artifact, encoder_dir, features_artifact, tmp_path):
     """Official RRC + flip augmentation through the frozen encoder; the VAE then accepts the stored features."""
     import stages.latents as lt
+    from pipeline.shards import FeatureShards
 
     cfg = tv.Config(out=tmp_path / "vae", source="images", images=images_artifact, encoder=str(encoder_dir),
                     preset="demo", variant="demo", steps=2, global_batch=6, micro_batch=3, val_samples=3,
@@ -196,9 +174,9 @@ def test_source_images_trains_on_the_fly_and_feeds_latents(images_artifact, enco
     torch.testing.assert_close(a.mean(-1), torch.zeros(3, 256), atol=1e-4, rtol=0)  # affine-free LN features
     m = tv.run(cfg)
     assert m.complete and m.inputs["images"]["fingerprint"] == data.fingerprint
-    assert m.extra["encoder"]["fingerprint"] == tv.FeatureShards(features_artifact).encoder_fingerprint
+    assert m.extra["encoder"]["fingerprint"] == FeatureShards(features_artifact).encoder_fingerprint
     lat = lt.run(lt.Config(features=features_artifact, vae=tmp_path / "vae", out=tmp_path / "lat", shard_samples=4))
-    assert lat.extra["rows"] == 2 * tv.FeatureShards(features_artifact).num_samples("train")
+    assert lat.extra["rows"] == 2 * FeatureShards(features_artifact).num_samples("train")
 
 
 def test_standardize_stores_float64_train_statistics_and_resumes(features, tmp_path):
@@ -209,18 +187,18 @@ def test_standardize_stores_float64_train_statistics_and_resumes(features, tmp_p
 
     x = np.stack([f for _, _, _, f in FeatureShards(features).iter("train")]).astype(np.float64)
     x = x.reshape(-1, N_PATCH, DIM)
-    cached = tv.FeatureData(features, 0, 2**30, 1).feature_stats(Dist())
-    streamed = tv.FeatureData(features, 0, 0, 1).feature_stats(Dist())
+    cached = FeatureData(features, 0, 2**30, 1).feature_stats(Runtime())
+    streamed = FeatureData(features, 0, 0, 1).feature_stats(Runtime())
     assert all(torch.equal(a, b) for a, b in zip(cached, streamed))
     torch.testing.assert_close(cached[0], torch.from_numpy(x.mean(0)).float(), rtol=0, atol=1e-6)
     torch.testing.assert_close(cached[1], torch.from_numpy(x.std(0)).float(), rtol=0, atol=1e-6)
 
-    full = tv.run(cfg_for(features, tmp_path / "full", standardize=True))
-    assert tv.run(cfg_for(features, tmp_path / "part", standardize=True, max_steps_this_run=3)) is None
-    resumed = tv.run(cfg_for(features, tmp_path / "part", standardize=True))
+    full = tv.run(cfg_for(features, tmp_path / "full", standardize_features=True))
+    assert tv.run(cfg_for(features, tmp_path / "part", standardize_features=True, max_steps_this_run=3)) is None
+    resumed = tv.run(cfg_for(features, tmp_path / "part", standardize_features=True))
     assert resumed.models == full.models  # bitwise the same weights (sha256), statistics included
-    model, model_cfg, _ = tv.load_flatdino(tmp_path / "full")
+    model, model_cfg, _ = load_flatdino(tmp_path / "full")
     assert model_cfg.standardize
     torch.testing.assert_close(model.encoder.feature_scale, cached[1].clamp_min(0.1), rtol=0, atol=0)
     with pytest.raises(UserError, match="--source features"):
-        tv.open_data(tv.Config(out=tmp_path / "x", source="images", images=tmp_path, encoder="e", standardize=True))
+        tv.open_data(tv.Config(out=tmp_path / "x", source="images", images=tmp_path, encoder="e", standardize_features=True))

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from test_train_vae import cfg_for, make_features
 
 import stages.train_vae as tv
+from pipeline.manifest import require_complete
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,4 +36,4 @@ def test_two_processes_match_one(tmp_path):
     b = load_file(tmp_path / "two/last/model.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
-    assert tv.require_complete(tmp_path / "two", "train_vae").extra["last_step"] == 5
+    assert require_complete(tmp_path / "two", "train_vae").extra["last_step"] == 5
