@@ -1,10 +1,13 @@
 """Sample-quality metrics: Fréchet distance, Inception Score, improved precision/recall, and their plumbing.
 
 Lineage: the numbers follow OpenAI's guided-diffusion TF evaluator (`evaluations/evaluator.py`, which the official
-FlatDINO `metrics/adm.py` ports verbatim): FID from pool_3 mean/covariance, IS from the unbiased logits of the
-Inception softmax head in splits of 5,000 samples, and improved precision/recall (Kynkäänniemi et al. 2019) with
+FlatDINO `metrics/adm.py` ports verbatim): FID from pool_3 mean/covariance, sFID from the first 7 channels of the
+`mixed_6/conv` spatial map (17 x 17 x 7 = 2,023 dims, flattened in ADM's NHWC order), IS from the unbiased logits of
+the Inception softmax head in splits of 5,000 samples, and improved precision/recall (Kynkäänniemi et al. 2019) with
 k = 3 on pool_3 features, squared Euclidean distances and `<=` ball membership. The Inception network itself is
-torch-fidelity's `inception-v3-compat` port of the same TF graph.
+torch-fidelity's `inception-v3-compat` port of the same TF graph; ADM's reference batches hold mu/sigma (and
+mu_s/sigma_s) that ADM computed with the TensorFlow graph itself, so a FID against them mixes the two
+implementations (reported as such by `flatdino fid`).
 
 Departures, all deliberate:
 - The matrix square root in the Fréchet distance is eigen-based (symmetric PSD square root of sigma1, then the
@@ -31,6 +34,11 @@ INCEPTION_FEATURES = ("2048", "logits_unbiased")  # pool_3 and the bias-free sof
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
+INCEPTION_HASH_PREFIX = "6726825d"  # sha256 prefix in the file name (torch.hub convention)
+# sFID (ADM evaluator): tensor "mixed_6/conv:0" of the TF graph, i.e. the 1x1 branch of the 4th 17x17 block, which
+# torch-fidelity's weight converter maps to Mixed_6d.branch1x1 (ReLU output, (B, 192, 17, 17)); ADM keeps [..., :7].
+SPATIAL_LAYER = "Mixed_6d.branch1x1"
+SPATIAL_CHANNELS = 7
 
 
 class MetricUnavailable(Exception):
@@ -65,6 +73,14 @@ class GaussianStats(NamedTuple):
 
     mu: np.ndarray
     sigma: np.ndarray
+
+
+class InceptionFeatures(NamedTuple):
+    """Per-image Inception features, float32: pool_3 (N, 2048), unbiased logits (N, 1008), sFID spatial (N, 2023)."""
+
+    pool: np.ndarray
+    logits: np.ndarray
+    spatial: np.ndarray
 
 
 class PrecisionRecall(NamedTuple):
@@ -216,8 +232,17 @@ def inception_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
 
 
+def missing_inception_message(cached: Path) -> str:
+    """What to do when the Inception weights are absent: which file goes where, or which flag to pass."""
+    return (f"Inception weights not found (no --inception-weights given, nothing at {cached}). Put "
+            f"{INCEPTION_URL.rsplit('/', 1)[1]} (torch-fidelity's inception-v3-compat, {INCEPTION_URL}) at {cached}, "
+            f"or pass --inception-weights FILE; pass --download to fetch it when online")
+
+
 def resolve_inception_weights(path: Path | None, download: bool) -> Path:
-    """Find the Inception weights: an explicit file, else the torch.hub cache, else a download when allowed.
+    """Find the Inception weights: an explicit file, else the torch.hub cache, else a download when asked for.
+
+    Nothing touches the network unless `download` is set, so an offline run learns at once what is missing.
 
     Raises:
         FileNotFoundError: an explicit `path` does not exist (a user mistake, not an unavailable metric).
@@ -231,11 +256,11 @@ def resolve_inception_weights(path: Path | None, download: bool) -> Path:
     if cached.is_file():
         return cached
     if not download:
-        raise MetricUnavailable(f"no --inception-weights given, none cached at {cached}, downloading disabled")
+        raise MetricUnavailable(missing_inception_message(cached))
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(INCEPTION_URL, str(cached), progress=False)
-    except OSError as e:  # URLError and socket errors are OSErrors
+        torch.hub.download_url_to_file(INCEPTION_URL, str(cached), hash_prefix=INCEPTION_HASH_PREFIX, progress=False)
+    except (OSError, RuntimeError) as e:  # URLError and socket errors are OSErrors; a hash mismatch a RuntimeError
         raise MetricUnavailable(f"Inception weights not cached at {cached} and download failed: {e}") from e
     return cached
 
@@ -256,16 +281,27 @@ def load_inception(weights: Path, device: str | torch.device = "cpu") -> torch.n
 
 
 @torch.no_grad()
-def inception_features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, ...]:
-    """Pool_3 features (N, 2048) and unbiased logits (N, 1008), float32, from uint8 images (N, H, W, 3).
+def inception_features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> InceptionFeatures:
+    """Pool_3 (N, 2048), unbiased logits (N, 1008) and sFID spatial features (N, 2023), float32, from uint8 images
+    (N, H, W, 3), in one pass.
 
-    The extractor resizes to 299 itself (TF1-compatible bilinear), as the ADM evaluator's graph does.
+    The extractor resizes to 299 itself (TF1-compatible bilinear), as the ADM evaluator's graph does. The spatial
+    features are the first 7 channels of `SPATIAL_LAYER`'s (B, 192, 17, 17) output, flattened as ADM flattens its
+    NHWC tensor: index (h * 17 + w) * 7 + c.
     """
     device = next(model.parameters()).device
-    pools, logits = [], []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(images[start : start + batch_size])).to(device)
-        pool, logit = model(x.permute(0, 3, 1, 2))  # (B, H, W, 3) -> (B, 3, H, W) uint8
-        pools.append(pool.cpu().numpy())
-        logits.append(logit.cpu().numpy())
-    return np.concatenate(pools), np.concatenate(logits)
+    pools, logits, spatial = [], [], []
+
+    def keep_spatial(module, inputs, out):  # out: (B, 192, 17, 17) after BatchNorm + ReLU
+        spatial.append(out[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1).float().cpu().numpy())
+
+    hook = model.get_submodule(SPATIAL_LAYER).register_forward_hook(keep_spatial)
+    try:
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.array(images[start : start + batch_size])).to(device)
+            pool, logit = model(x.permute(0, 3, 1, 2))  # (B, H, W, 3) -> (B, 3, H, W) uint8
+            pools.append(pool.cpu().numpy())
+            logits.append(logit.cpu().numpy())
+    finally:
+        hook.remove()
+    return InceptionFeatures(np.concatenate(pools), np.concatenate(logits), np.concatenate(spatial))

@@ -2,17 +2,22 @@
 
 Protocol (SPEC.md 9, 13.15): images are uint8 256x256 (shards go through the ADM centre crop first, as samples and
 reconstructions already are); torch-fidelity's `inception-v3-compat` resizes them to 299 itself and gives pool_3
-(FID, precision/recall with k = 3) and the unbiased logits (IS in splits of 5,000); our frozen DINOv2 encoder gives
-the CLS token (FD-DINOv2, the headline) and the mean patch token. Fréchet distances are float64 (pipeline.metrics).
-The reference is ADM's `VIRTUAL_imagenet256_labeled.npz` (its mu/sigma for FID, its images for precision/recall
-and FD-DINOv2), any ADM-format image npz, or a `fid-ref` artifact. rFID is `fid` on `flatdino reconstruct`'s
-flatdino.npz against its originals.npz (or `fid-ref --split val`). gFID against training-set statistics is the ADM
-convention, hence `fid-ref --split train` by default.
+(FID, precision/recall with k = 3), the first 7 channels of `mixed_6/conv` (sFID, 2,023 dims) and the unbiased
+logits (IS in splits of 5,000); our frozen DINOv2 encoder gives the CLS token (FD-DINOv2, the headline) and the mean
+patch token. Fréchet distances are float64 (pipeline.metrics). The reference is ADM's
+`VIRTUAL_imagenet256_labeled.npz` (its mu/sigma and mu_s/sigma_s for FID and sFID, its images for precision/recall
+and FD-DINOv2), any ADM-format image npz, or a `fid-ref` artifact. ADM computed the npz's statistics with
+TensorFlow's Inception graph while the samples go through torch-fidelity's port of it; metrics.json and the summary
+line say so whenever that is the case. rFID is `fid` on `flatdino reconstruct`'s flatdino.npz against its
+originals.npz (or `fid-ref --split val`). gFID against training-set statistics is the ADM convention, hence
+`fid-ref --split train` by default.
 
 Work is split into blocks of global sample indices (rank r takes blocks r::W); each block stores the moments of
 every feature space plus the raw features that later steps need, and the main process merges blocks in index
 order, so every number is identical whatever the number of processes. Metrics whose network is unavailable
-(Inception weights offline) are reported as unavailable with the reason; the others are still computed.
+(Inception weights absent) are reported as unavailable with what to do about it, at once and without touching the
+network (`--download` fetches the weights; `--require-inception` makes their absence an error); the others are still
+computed.
 """
 
 from __future__ import annotations
@@ -42,7 +47,10 @@ log = get_logger(__name__)
 REFERENCE = "reference.npz"
 METRICS = "metrics.json"
 SAMPLE_NAMES = ("samples.npz",)  # what `sample` writes; `reconstruct`'s npz files are passed by path
-MOMENT_SPACES = ("pool", "dino_cls", "dino_patch_mean")  # feature spaces with Fréchet statistics
+MOMENT_SPACES = ("pool", "spatial", "dino_cls", "dino_patch_mean")  # feature spaces with Fréchet statistics
+MOMENTS_ONLY = ("spatial",)  # spaces whose raw per-image features no later step needs (2,023 dims each)
+TF_GRAPH = "ADM npz (TensorFlow Inception graph, classify_image_graph_def.pb)"
+TORCH_PORT = "torch-fidelity inception-v3-compat"
 DINO_SPACES = {"dino_cls": "fd_dinov2", "dino_patch_mean": "fd_dinov2_patch_mean"}
 
 
@@ -57,16 +65,21 @@ class RefConfig:
         "train for gFID (ADM uses training-set statistics), val for rFID against `flatdino reconstruct`"))
     encoder: str | None = field(default=None, metadata=opt("RAE directory for FD-DINOv2 (omit: no DINOv2 stats)"))
     inception_weights: Path | None = field(default=None, metadata=opt(
-        "torch-fidelity inception-v3-compat weights (.pth); default: the torch.hub cache, else download"))
+        "torch-fidelity inception-v3-compat weights (.pth); default: the torch.hub cache (see --download)"))
     pr_subset: int = field(default=10000, metadata=opt(
         "reference images whose pool_3 features are kept for precision/recall (seeded subset; ADM's batch is 10k)"))
     seed: int = field(default=0, metadata=opt("seed of the precision/recall subset"))
     block_size: int = field(default=10000, metadata=opt(
         "images per work block (the unit of resume and of ranks); each block keeps float64 (D, D) scatter matrices "
-        "(~42 MB with Inception), so ImageNet-train takes ~5.4 GB of blocks at 10,000"))
+        "(~75 MB with Inception pool_3 and sFID), so ImageNet-train takes ~9.6 GB of blocks at 10,000"))
     batch_size: int = field(default=64, metadata=opt("images per network forward", runtime=True))
     num_workers: int = field(default=4, metadata=opt("image decoding threads per process", runtime=True))
-    download: bool = field(default=True, metadata=opt("allow downloading Inception weights", runtime=True))
+    download: bool = field(default=False, metadata=opt(
+        "download the Inception weights into the torch.hub cache when absent (off: nothing touches the network)",
+        runtime=True))
+    require_inception: bool = field(default=False, metadata=opt(
+        "fail (exit non-zero) when the Inception weights are absent, instead of reporting FID etc. as n/a",
+        runtime=True))
     device: str = field(default="auto", metadata=opt("auto, cpu, cuda, cuda:1 ...", runtime=True))
     overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
                                                         runtime=True))
@@ -84,10 +97,15 @@ class Config:
     encoder: str | None = field(default=None, metadata=opt("RAE directory for FD-DINOv2 (must match the reference's)"))
     classifier: Path | None = field(default=None, metadata=opt("train-classifier artifact: adds class_consistency"))
     inception_weights: Path | None = field(default=None, metadata=opt(
-        "torch-fidelity inception-v3-compat weights (.pth); default: the torch.hub cache, else download"))
+        "torch-fidelity inception-v3-compat weights (.pth); default: the torch.hub cache (see --download)"))
     block_size: int = field(default=5000, metadata=opt("samples per work block (the unit of resume and of ranks)"))
     batch_size: int = field(default=64, metadata=opt("images per network forward", runtime=True))
-    download: bool = field(default=True, metadata=opt("allow downloading Inception weights", runtime=True))
+    download: bool = field(default=False, metadata=opt(
+        "download the Inception weights into the torch.hub cache when absent (off: nothing touches the network)",
+        runtime=True))
+    require_inception: bool = field(default=False, metadata=opt(
+        "fail (exit non-zero) when the Inception weights are absent, instead of reporting FID etc. as n/a",
+        runtime=True))
     device: str = field(default="auto", metadata=opt("auto, cpu, cuda, cuda:1 ...", runtime=True))
     overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
                                                         runtime=True))
@@ -107,20 +125,23 @@ class Extractors(NamedTuple):
     classifier_info: dict
 
 
-def _load_inception(path: Path | None, download: bool, device: torch.device) -> tuple:
+def _load_inception(path: Path | None, download: bool, require: bool, device: torch.device) -> tuple:
     try:
         weights = metrics.resolve_inception_weights(path, download)
     except FileNotFoundError as e:
         raise UserError(f"--inception-weights: {e}") from e
     except metrics.MetricUnavailable as e:
-        log.warning("Inception metrics unavailable: %s", e)
+        if require:
+            raise UserError(f"--require-inception: {e}") from e
+        log.warning("Inception metrics (FID, sFID, IS, precision/recall) unavailable: %s", e)
         return None, {"available": False, "reason": str(e)}
     try:
         model = metrics.load_inception(weights, device)
     except (ValueError, RuntimeError) as e:
         raise UserError(f"{weights}: not usable Inception weights ({e})") from e
     return model, {"available": True, "path": str(weights), "sha256": file_sha256(weights),
-                   "network": "torch-fidelity inception-v3-compat (TF1 bilinear resize to 299)"}
+                   "network": f"{TORCH_PORT} (TF1 bilinear resize to 299)",
+                   "spatial": f"{metrics.SPATIAL_LAYER} (TF mixed_6/conv)[:, :{metrics.SPATIAL_CHANNELS}], NHWC order"}
 
 
 def _load_encoder(source: str | None, device: torch.device) -> tuple:
@@ -131,9 +152,9 @@ def _load_encoder(source: str | None, device: torch.device) -> tuple:
 
 
 def load_extractors(inception: Path | None, download: bool, encoder: str | None, classifier: Path | None,
-                    device: torch.device) -> Extractors:
+                    device: torch.device, require_inception: bool = False) -> Extractors:
     """Inception (or why not), the DINOv2 encoder (or why not) and the demo classifier (optional)."""
-    inc, inc_info = _load_inception(inception, download, device)
+    inc, inc_info = _load_inception(inception, download, require_inception, device)
     enc, enc_info = _load_encoder(encoder, device)
     if classifier is None:
         return Extractors(inc, inc_info, enc, enc_info, None, {"available": False, "reason": "no --classifier"})
@@ -145,11 +166,12 @@ def load_extractors(inception: Path | None, download: bool, encoder: str | None,
 
 @torch.no_grad()
 def extract(ex: Extractors, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
-    """Features of uint8 images (B, H, W, 3): pool (B, 2048), logits (B, 1008), dino_cls (B, D),
+    """Features of uint8 images (B, H, W, 3): pool (B, 2048), logits (B, 1008), spatial (B, 2023), dino_cls (B, D),
     dino_patch_mean (B, D), pred (B,), for whichever networks are present."""
     out: dict[str, np.ndarray] = {}
     if ex.inception is not None:
-        out["pool"], out["logits"] = metrics.inception_features(ex.inception, images, batch_size)
+        inc = metrics.inception_features(ex.inception, images, batch_size)
+        out["pool"], out["logits"], out["spatial"] = inc.pool, inc.logits, inc.spatial
     if ex.encoder is not None:
         cls, mean = [], []
         for s in range(0, len(images), batch_size):
@@ -248,7 +270,8 @@ def write_block(od: OutputDir, spec: ShardSpec, images: np.ndarray, labels: np.n
         arrays["label_all"] = np.asarray(labels, dtype=np.int64)
         arrays["label"] = arrays["label_all"][keep]
     for name, value in feats.items():
-        arrays[name] = value[keep]
+        if name not in MOMENTS_ONLY:
+            arrays[name] = value[keep]
         if name in MOMENT_SPACES:
             m = metrics.moments(value)
             arrays[f"{name}.mean"], arrays[f"{name}.m2"] = m.mean, m.m2
@@ -336,7 +359,7 @@ def run_ref(cfg: RefConfig, dist: Dist | None = None) -> Manifest | None:
     if n < 2:
         raise ArtifactError(f"{cfg.images}: the {cfg.split!r} split has {n} images; statistics need at least 2")
     device = stage_device(cfg.device, dist)
-    ex = load_extractors(cfg.inception_weights, cfg.download, cfg.encoder, None, device)
+    ex = load_extractors(cfg.inception_weights, cfg.download, cfg.encoder, None, device, cfg.require_inception)
     config = {**config_to_dict(cfg, semantic_only=True), "images": shards.manifest.fingerprint,
               "inception": _available(ex.inception_info, "sha256"),
               "encoder": _available(ex.encoder_info, "fingerprint")}
@@ -362,8 +385,8 @@ def run_ref(cfg: RefConfig, dist: Dist | None = None) -> Manifest | None:
             extra={"split": cfg.split, "num_images": n, "class_counts": class_counts, "classes": shards.classes,
                    "pr_subset": int(len(g.arrays["pool"])) if "pool" in g.arrays else 0, "spaces": sorted(g.moments),
                    "inception": ex.inception_info, "encoder": ex.encoder_info,
-                   "protocol": "ADM centre crop 256, uint8; Inception resizes to 299 (TF1 bilinear); DINOv2 "
-                               "antialiased bicubic to 224"},
+                   "protocol": f"ADM centre crop 256, uint8; {TORCH_PORT} resizes to 299 (TF1 bilinear): pool_3 "
+                               f"(FID) and mixed_6/conv[..., :7] (sFID); DINOv2 antialiased bicubic to 224"},
             timings={"seconds": round(time.time() - t0, 3)}))
 
 
@@ -380,6 +403,7 @@ class Reference(NamedTuple):
     inception_sha: str | None
     encoder_fingerprint: str | None
     num_images: int
+    tf_graph_spaces: tuple[str, ...] = ()  # spaces whose stored statistics ADM computed with the TF graph
 
 
 def open_reference(path: Path) -> Reference:
@@ -396,15 +420,16 @@ def open_reference(path: Path) -> Reference:
     try:
         with np.load(path, allow_pickle=False) as z:
             names = set(z.files)
-            stats = {"pool": metrics.GaussianStats(z["mu"].astype(np.float64), z["sigma"].astype(np.float64))} \
-                if {"mu", "sigma"} <= names else {}
+            stats = {space: metrics.GaussianStats(z[mu].astype(np.float64), z[sigma].astype(np.float64))
+                     for space, mu, sigma in (("pool", "mu", "sigma"), ("spatial", "mu_s", "sigma_s"))
+                     if {mu, sigma} <= names}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise ArtifactError(f"{path}: not a readable .npz reference batch ({e})") from e
     images = npz_array(path, "arr_0") if "arr_0" in names else None
     if images is None and not stats:
         raise ArtifactError(f"{path}: neither images (arr_0) nor Inception mu/sigma; not an ADM reference batch")
     n = len(images) if images is not None else 0
-    return Reference("adm", path, file_sha256(path), stats, None, images, None, None, n)
+    return Reference("adm", path, file_sha256(path), stats, None, images, None, None, n, tuple(sorted(stats)))
 
 
 def check_compatible(ref: Reference, ex: Extractors) -> None:
@@ -431,6 +456,15 @@ def _frechet(sg: Gathered, ref_stats: dict, space: str, net: dict, what: str) ->
     return {"value": metrics.frechet_from_stats(metrics.gaussian_stats(sg.moments[space]), ref_stats[space])}
 
 
+def _inception_frechet(sg: Gathered, ref: Reference, ref_stats: dict, space: str, net: dict) -> dict:
+    """FID or sFID, saying which Inception implementation each side's statistics come from."""
+    entry = _frechet(sg, ref_stats, space, net, "Inception " + space)
+    if entry["value"] is not None:
+        entry["samples_statistics"] = TORCH_PORT
+        entry["reference_statistics"] = TF_GRAPH if space in ref.tf_graph_spaces else TORCH_PORT
+    return entry
+
+
 def _class_consistency(sg: Gathered, ex: Extractors, labels: np.ndarray | None, classes: list[str]) -> dict:
     if ex.classifier is None:
         return _missing(ex.classifier_info["reason"])
@@ -454,7 +488,8 @@ def compute_metrics(sg: Gathered, ref: Reference, rg: Gathered | None, ex: Extra
         for space, m in rg.moments.items():
             ref_stats.setdefault(space, metrics.gaussian_stats(m))
         ref_pool = rg.arrays["pool"] if "pool" in rg.arrays else None
-    out = {"fid": _frechet(sg, ref_stats, "pool", ex.inception_info, "Inception")}
+    out = {"fid": _inception_frechet(sg, ref, ref_stats, "pool", ex.inception_info),
+           "sfid": _inception_frechet(sg, ref, ref_stats, "spatial", ex.inception_info)}
     if "logits" in sg.arrays:
         mean, std = metrics.inception_score(sg.arrays["logits"])
         out["inception_score"] = {"value": mean, "std": std, "split_size": metrics.IS_SPLIT_SIZE}
@@ -487,11 +522,21 @@ def protocol(samples: Samples, ref: Reference, ex: Extractors, classes: list[str
         "sampler": m.extra if m else None, "sample_models": m.models if m else None,
         "sample_inputs": m.inputs if m else None,
         "reference": {"kind": ref.kind, "path": str(ref.path), "fingerprint": ref.fingerprint,
-                      "num_images": ref.num_images},
+                      "num_images": ref.num_images, "tf_graph_statistics": list(ref.tf_graph_spaces)},
+        "inception_implementations": _implementations(ref),
         "inception": ex.inception_info, "encoder": ex.encoder_info, "classifier": ex.classifier_info,
         "inception_score_split_size": metrics.IS_SPLIT_SIZE, "precision_recall_k": metrics.PR_NEIGHBOURS,
         "frechet": "float64; trace sqrt via the eigenvalues of sqrt(S1) S2 sqrt(S1)",
     }
+
+
+def _implementations(ref: Reference) -> str:
+    """One sentence: which Inception computed what, so a number is compared with the right literature."""
+    if not ref.tf_graph_spaces:
+        return f"samples and reference through {TORCH_PORT} (the PyTorch port of ADM's TensorFlow graph)"
+    which = " and ".join({"pool": "FID", "spatial": "sFID"}[s] for s in ("pool", "spatial") if s in ref.tf_graph_spaces)
+    return (f"{which}: samples through {TORCH_PORT}, reference statistics from the {TF_GRAPH} "
+            f"(the ADM evaluator runs TensorFlow on both sides)")
 
 
 def _classes(ex: Extractors, ref: Reference, labels: np.ndarray | None) -> list[str]:
@@ -505,7 +550,8 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
     dist, t0 = dist or current_dist(), time.time()
     samples, ref = open_samples(cfg.samples), open_reference(cfg.reference)
     device = stage_device(cfg.device, dist)
-    ex = load_extractors(cfg.inception_weights, cfg.download, cfg.encoder, cfg.classifier, device)
+    ex = load_extractors(cfg.inception_weights, cfg.download, cfg.encoder, cfg.classifier, device,
+                         cfg.require_inception)
     check_compatible(ref, ex)
     config = {**config_to_dict(cfg, semantic_only=True), "samples": samples.fingerprint, "reference": ref.fingerprint,
               "inception": _available(ex.inception_info, "sha256"),
@@ -557,10 +603,13 @@ def summary(m: Manifest) -> str:
 def summary_line(report: dict) -> str:
     """One line: every metric (n/a when unavailable), sample count and reference."""
     x, p = report["metrics"], report["protocol"]
-    return (f"fid: FID {_fmt(x['fid'])} | IS {_fmt(x['inception_score'], 2)} | precision {_fmt(x['precision'], 3)} "
-            f"recall {_fmt(x['recall'], 3)} | FD-DINOv2(cls) {_fmt(x['fd_dinov2'])} | class-consistency "
-            f"{_fmt(x['class_consistency'], 3)} | {p['num_samples']} samples vs {p['reference']['kind']} "
-            f"{p['reference']['path']}")
+    tf = [label for name, label in (("fid", "FID"), ("sfid", "sFID"))
+          if x[name].get("reference_statistics") == TF_GRAPH]
+    note = f" | {'/'.join(tf)} vs TF-graph reference statistics (samples: {TORCH_PORT})" if tf else ""
+    return (f"fid: FID {_fmt(x['fid'])} | sFID {_fmt(x['sfid'])} | IS {_fmt(x['inception_score'], 2)} | precision "
+            f"{_fmt(x['precision'], 3)} recall {_fmt(x['recall'], 3)} | FD-DINOv2(cls) {_fmt(x['fd_dinov2'])} | "
+            f"class-consistency {_fmt(x['class_consistency'], 3)} | {p['num_samples']} samples vs "
+            f"{p['reference']['kind']} {p['reference']['path']}{note}")
 
 
 def ref_summary(m: Manifest) -> str:
@@ -568,9 +617,10 @@ def ref_summary(m: Manifest) -> str:
             f"{m.extra['pr_subset']} pool_3 features kept for precision/recall")
 
 
-cli = command_from_config(Config, run, "fid", "FID, IS, precision/recall (k=3), FD-DINOv2 and class-consistency of a "
-                          "samples npz against an ADM reference batch or a fid-ref artifact; writes metrics.json.",
+cli = command_from_config(Config, run, "fid", "FID, sFID, IS, precision/recall (k=3), FD-DINOv2 and class-consistency "
+                          "of a samples npz against an ADM reference batch or a fid-ref artifact; writes metrics.json.",
                           summary=summary)
-fid_ref_cli = command_from_config(RefConfig, run_ref, "fid-ref", "Reference statistics (Inception pool_3, DINOv2 CLS "
-                                  "and mean patch) of one split of an images artifact, ADM centre crop protocol.",
+fid_ref_cli = command_from_config(RefConfig, run_ref, "fid-ref", "Reference statistics (Inception pool_3 and sFID "
+                                  "spatial, DINOv2 CLS and mean patch) of one split of an images artifact, ADM centre "
+                                  "crop protocol.",
                                   summary=ref_summary)

@@ -71,7 +71,7 @@ def test_reference_stats_from_shards_equal_in_memory(reference, images_artifact,
     m = fid.read_manifest(reference)
     assert m.extra["num_images"] == len(x) == 18
     assert m.extra["class_counts"] == {str(c): int(k) for c, k in zip(*np.unique(y, return_counts=True))}
-    assert m.extra["inception"]["available"] is False and "downloading disabled" in m.extra["inception"]["reason"]
+    assert m.extra["inception"]["available"] is False and "--download" in m.extra["inception"]["reason"]
 
 
 def test_reference_is_identical_across_ranks_and_resumes(reference, images_artifact, encoder_dir, tmp_path):
@@ -110,15 +110,16 @@ def test_fid_end_to_end_without_inception(reference, samples_dir, images_artifac
     pred = classifier.load_classifier(clf_dir)[0].predict(x)
     assert got["class_consistency"]["value"] == pytest.approx(np.mean(pred == y))
     assert got["class_consistency"]["per_class"]["cat"] == pytest.approx(np.mean(pred[y == 0] == 0))
-    for name in ("fid", "inception_score", "precision", "recall"):
-        assert got[name]["value"] is None and "downloading disabled" in got[name]["reason"]
+    for name in ("fid", "sfid", "inception_score", "precision", "recall"):
+        assert got[name]["value"] is None and "Inception weights not found" in got[name]["reason"]
+        assert str(metrics.inception_cache_path()) in got[name]["reason"]
     proto = report["protocol"]
     assert proto["sampler"]["cfg_scale"] == 1.5 and proto["sample_models"] == {"dit": {"sha256": "abc"}}
     assert proto["num_samples"] == len(x) and proto["reference"]["kind"] == "fid_ref"
     assert sum(proto["class_counts"].values()) == len(x)
     line = fid.summary(m)
     assert report["summary"] == line
-    assert "FID n/a" in line and f"FD-DINOv2(cls) {expected:.4f}" in line
+    assert "FID n/a | sFID n/a" in line and f"FD-DINOv2(cls) {expected:.4f}" in line and "TF-graph" not in line
     assert fid.run(cfg, dist=Dist()).fingerprint == m.fingerprint  # re-run: no-op
 
 
@@ -172,23 +173,28 @@ def test_inception_metrics_end_to_end_with_random_weights(images_artifact, sampl
 
     weights = write_random_inception_weights(tmp_path / "inception.pth", seed=3)
     x, _ = _in_memory(images_artifact, "val")
-    pool, logits = metrics.inception_features(metrics.load_inception(weights), x)
+    pool, logits, spatial = metrics.inception_features(metrics.load_inception(weights), x)
     ref_dir = tmp_path / "ref"
     fid.run_ref(fid.RefConfig(images=images_artifact, out=ref_dir, split="val", inception_weights=weights,
                               block_size=4, download=False, device="cpu"), dist=Dist())
-    st = metrics.feature_stats(pool)
-    np.savez(tmp_path / "adm.npz", x, mu=st.mu, sigma=st.sigma)
+    st, sp = metrics.feature_stats(pool), metrics.feature_stats(spatial)
+    np.savez(tmp_path / "adm.npz", x, mu=st.mu, sigma=st.sigma, mu_s=sp.mu, sigma_s=sp.sigma)
     for name, ref in (("art", ref_dir), ("adm", tmp_path / "adm.npz")):
         m = fid.run(fid.Config(samples=samples_dir, reference=ref, out=tmp_path / name, inception_weights=weights,
                                block_size=4, download=False, device="cpu"), dist=Dist())
         got = m.extra["metrics"]
         assert abs(got["fid"]["value"]) < 1e-6 * np.trace(st.sigma)  # the samples are the reference images
+        assert abs(got["sfid"]["value"]) < 1e-6 * np.trace(sp.sigma)
+        tf = got["fid"]["reference_statistics"] == fid.TF_GRAPH
+        assert tf == (name == "adm") and (got["sfid"]["reference_statistics"] == fid.TF_GRAPH) == tf
         assert got["precision"]["value"] == 1.0 and got["recall"]["value"] == 1.0
         assert got["inception_score"]["value"] == pytest.approx(metrics.inception_score(logits)[0], rel=1e-5)
         assert m.extra["protocol"]["inception"]["sha256"] == file_sha256(weights)
     with np.load(ref_dir / fid.REFERENCE) as z:
         np.testing.assert_allclose(z["pool.mu"], st.mu, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(z["pool.sigma"], st.sigma, rtol=1e-4, atol=1e-8)
+        np.testing.assert_allclose(z["spatial.mu"], sp.mu, rtol=1e-5, atol=1e-7)
+        assert z["spatial.sigma"].shape == (2023, 2023) and "spatial" not in z.files
 
 
 def test_open_reference_reads_the_adm_batch_layout(tmp_path):
@@ -208,3 +214,68 @@ def test_open_reference_reads_the_adm_batch_layout(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ArtifactError, match="not a readable .npz"):
         fid.open_reference(tmp_path / "junk.npz")
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    from test_metrics_inception import write_random_inception_weights
+
+    return write_random_inception_weights(tmp_path_factory.mktemp("inc") / "inception.pth", seed=5)
+
+
+def test_sfid_and_fid_against_adm_tf_graph_statistics(samples_dir, images_artifact, inception_weights, tmp_path):
+    """An ADM batch holding only mu/sigma and mu_s/sigma_s: closed-form FID and sFID from features recomputed
+    independently (torch-fidelity's own forward; mixed_6/conv step by step), and an honest report."""
+    from test_metrics_inception import _mixed_6_conv
+
+    x, _ = _in_memory(images_artifact, "val")
+    model = metrics.load_inception(inception_weights)
+    with torch.no_grad():
+        pool = model(torch.from_numpy(x).permute(0, 3, 1, 2))[0].double().numpy()
+        spatial = _mixed_6_conv(model, x)[..., :7].reshape(len(x), -1).astype(np.float64)
+    p_mu, p_sigma = pool.mean(0), np.cov(pool, rowvar=False)
+    s_mu, s_sigma = spatial.mean(0), np.cov(spatial, rowvar=False)
+    rng = np.random.default_rng(0)
+    d_pool, d_spatial = rng.normal(size=2048) * 0.1, rng.normal(size=2023) * 0.1
+    np.savez(tmp_path / "VIRTUAL.npz", mu=p_mu + d_pool, sigma=p_sigma, mu_s=s_mu + d_spatial, sigma_s=4 * s_sigma)
+    m = fid.run(fid.Config(samples=samples_dir, reference=tmp_path / "VIRTUAL.npz", out=tmp_path / "fid",
+                           inception_weights=inception_weights, block_size=4, device="cpu"), dist=Dist())
+    got = m.extra["metrics"]
+    assert got["fid"]["value"] == pytest.approx(d_pool @ d_pool, rel=1e-4)  # same covariance: |d mu|^2 only
+    # sigma_s = 4 S: tr S + 4 tr S - 2 tr (4 S^2)^(1/2) = tr S
+    assert got["sfid"]["value"] == pytest.approx(d_spatial @ d_spatial + np.trace(s_sigma), rel=1e-4)
+    for name in ("fid", "sfid"):
+        assert got[name]["reference_statistics"] == fid.TF_GRAPH and got[name]["samples_statistics"] == fid.TORCH_PORT
+    proto = m.extra["protocol"]
+    assert proto["reference"]["tf_graph_statistics"] == ["pool", "spatial"] and proto["reference"]["num_images"] == 0
+    assert "FID and sFID: samples through torch-fidelity" in proto["inception_implementations"]
+    assert got["precision"]["value"] is None and "no pool_3 features" in got["precision"]["reason"]
+    line = fid.summary(m)
+    assert f"sFID {got['sfid']['value']:.4f}" in line
+    assert line.endswith("FID/sFID vs TF-graph reference statistics (samples: torch-fidelity inception-v3-compat)")
+
+
+def test_absent_inception_is_reported_at_once_offline_or_refused(reference, samples_dir, images_artifact, tmp_path,
+                                                                 monkeypatch):
+    import socket
+
+    from click.testing import CliRunner
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was touched")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    m = fid.run(fid.Config(samples=samples_dir, reference=reference, out=tmp_path / "a", device="cpu"), dist=Dist())
+    reason = m.extra["metrics"]["fid"]["reason"]  # the defaults: no download attempt, the fix spelled out
+    assert str(metrics.inception_cache_path()) in reason and "--inception-weights FILE" in reason
+    with pytest.raises(fid.UserError, match="--require-inception: Inception weights not found"):
+        fid.run(fid.Config(samples=samples_dir, reference=reference, out=tmp_path / "b", device="cpu",
+                           require_inception=True), dist=Dist())
+    result = CliRunner().invoke(fid.cli, ["--samples", str(samples_dir), "--reference", str(reference), "--out",
+                                          str(tmp_path / "c"), "--device", "cpu", "--require-inception"])
+    assert result.exit_code == 2 and "weights-inception-2015-12-05-6726825d.pth" in result.output
+    with pytest.raises(fid.UserError, match="--require-inception"):
+        fid.run_ref(fid.RefConfig(images=images_artifact, out=tmp_path / "r", require_inception=True, device="cpu"),
+                    dist=Dist())

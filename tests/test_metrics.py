@@ -122,3 +122,17 @@ def test_inception_score_matches_torch_fidelity_and_limits():
     assert uniform[0] == pytest.approx(1.0) and uniform[1] == 0.0
     confident = np.repeat(np.eye(5) * 1e3, 4, axis=0)  # balanced, certain predictions -> IS = #classes
     assert metrics.inception_score(confident)[0] == pytest.approx(5.0, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_frechet_at_the_sfid_dimension_matches_adm_sqrtm():
+    """sFID's Fréchet step at 2,023 dims, full-rank covariances from 2,600 feature rows, against ADM's formula
+    (scipy.linalg.sqrtm of S1 S2); ~40 s on 2 cores."""
+    rng = np.random.default_rng(7)
+    d = 7 * 17 * 17
+    a = np.abs(rng.standard_normal((2600, d)))  # ReLU-like, as mixed_6/conv features are
+    b = np.abs(1.1 * rng.standard_normal((2600, d)) + 0.05)
+    sa, sb = metrics.feature_stats(a), metrics.feature_stats(b)
+    np.testing.assert_allclose(sa.sigma, np.cov(a, rowvar=False), rtol=1e-10, atol=1e-12)
+    expected = _scipy_frechet(sa.mu, sa.sigma, sb.mu, sb.sigma)
+    assert metrics.frechet_from_stats(sa, sb) == pytest.approx(expected, rel=1e-9)
