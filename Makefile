@@ -19,7 +19,7 @@ SEED    ?= 0
 
 IMAGES_ARGS   ?=
 FEATURES_ARGS ?=
-VAE_ARGS      ?= $(if $(filter demo,$(RUN)),--preset demo --variant demo --standardize,)
+VAE_ARGS      ?= $(if $(filter demo,$(RUN)),--preset demo --variant demo --standardize-features,)
 LATENTS_ARGS  ?=
 DIT_ARGS      ?= $(if $(filter demo,$(RUN)),--preset T --global-batch 64 --lr 2e-3 --ema-decay 0.995 --kappa 2 --steps 2000 --ckpt-every 500,--preset XL)
 DECODER_ARGS  ?= $(if $(filter demo,$(RUN)),--preset demo,--steps 0 --decoder-size same)# ImageNet: package the pretrained RAE decoder as is

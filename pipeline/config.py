@@ -107,9 +107,14 @@ def command_from_config(cls: type, run: Callable, name: str, help: str, summary:
     hints = typing.get_type_hints(cls)
 
     def callback(**kwargs):
+        from pipeline.train import Interrupted
+
         try:
             cfg = cls(**kwargs)
             result = run(cfg)
+        except Interrupted as e:  # SIGTERM/SIGINT during training: a checkpoint of the current step is on disk
+            click.secho(str(e), fg="yellow", err=True)
+            sys.exit(e.exit_code)
         except UserError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)

@@ -153,6 +153,7 @@ class _Signals:
         self.signum, self._old = 0, {}
 
     def __enter__(self) -> "_Signals":
+        self.signum = 0
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGTERM, signal.SIGINT):
                 self._old[s] = signal.signal(s, self._handle)
@@ -193,6 +194,7 @@ class Trainer:
         self.state: dict = {"step": 0, "log": [], "events": {}, "stage": {}}
         self.seed = seed
         self._pool: ThreadPoolExecutor | None = None
+        self._signals = _Signals()
         self._pending: dict = {}
 
     # ------------------------------------------------------------------------------------------- state
@@ -239,9 +241,9 @@ class Trainer:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="feed")
         self._pending[(step, sl.start)] = self._pool.submit(self.r.feed, step, sl)
 
-    def update(self, step: int, stop_flag: int = 0) -> tuple[dict, bool]:
+    def update(self, step: int) -> tuple[dict, bool]:
         """One optimizer update over global batch `step`; returns (global-mean scalars, whether any rank stops)."""
-        return self._apply(step, self.accumulate(step), stop_flag)
+        return self._apply(step, self.accumulate(step))
 
     def accumulate(self, step: int) -> dict[str, torch.Tensor]:
         """This process's share of global batch `step` into `.grad` (each micro-batch weighted by its share of the
@@ -266,9 +268,10 @@ class Trainer:
                 sums[k] = sums[k] + v if k in sums else v
         return sums
 
-    def _apply(self, step: int, sums: dict[str, torch.Tensor], stop_flag: int) -> tuple[dict, bool]:
+    def _apply(self, step: int, sums: dict[str, torch.Tensor]) -> tuple[dict, bool]:
         keys = list(sums)
-        flat = torch.cat([sums[k] for k in keys] + [torch.tensor([float(stop_flag)], device=sums["loss"].device)])
+        flag = torch.tensor([float(self._signals.signum)], device=sums["loss"].device)  # any rank's signal stops all
+        flat = torch.cat([sums[k] for k in keys] + [flag])
         self.rt.all_reduce_sum_(flat)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.r.clip if self.r.clip else math.inf)
@@ -308,13 +311,14 @@ class Trainer:
         start = self.resume()
         stop_at = self.r.steps if self.opts.max_steps_this_run is None else min(
             self.r.steps, start + self.opts.max_steps_this_run)
-        self.acc.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": start or None}})
+        # steps after `start` logged by a killed run are dropped from the curves (the resumed run logs them again)
+        self.acc.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": start + 1 if start else None}})
         bar = progress(self.r.steps, self.r.title, "step", self.rt, initial=start)
         tick, done = time.time(), start
         try:
-            with _Signals() as signals:
+            with self._signals as signals:
                 for step in range(start, stop_at):
-                    scalars, stop = self.update(step, signals.signum)
+                    scalars, stop = self.update(step)
                     done = self.state["step"] = step + 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
@@ -323,7 +327,7 @@ class Trainer:
                         self._log(done, scalars, rate)
                         tick = time.time()
                     forced = self._events(done)
-                    if stop:
+                    if stop and done < self.r.steps:
                         self.save()
                         raise Interrupted(done, signals.signum or signal.SIGTERM, self.out)
                     if forced or done % self.opts.ckpt_every == 0 or done == self.r.steps:
@@ -344,8 +348,7 @@ class Trainer:
 
     def _log(self, step: int, scalars: dict, rate: float) -> None:
         row = {k: v for k, v in self.r.derive(scalars).items()}
-        self.state["log"].append({"step": step, **{k: v for k, v in row.items() if not isinstance(v, list)},
-                                  "samples_per_s": rate})
+        self.state["log"].append({"step": step, **row, "samples_per_s": rate})
         flat = {}
         for k, v in row.items():
             if isinstance(v, list):
