@@ -319,6 +319,10 @@ def gather(od: OutputDir, plan: list[ShardSpec]) -> Gathered | None:
                     moments.setdefault(space, []).append(metrics.Moments(n, z[name], z[space + ".m2"]))
                 elif not name.endswith(".m2") and name != "count":
                     parts.setdefault(name, []).append(z[name])
+    partial = sorted(k for k, v in moments.items() if len(v) != len(plan))
+    if partial:  # blocks written by another version (e.g. before sFID) must not be merged into a subset's statistics
+        raise ArtifactError(f"{od.path}: the {', '.join(partial)} statistics are missing from some blocks (written by "
+                            f"another version of flatdino); re-run with --overwrite")
     return Gathered({k: metrics.merge_all(v) for k, v in moments.items()},
                     {k: np.concatenate(v) for k, v in parts.items()})
 

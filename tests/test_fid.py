@@ -8,7 +8,7 @@ import torch
 
 from models.encoder import FeatureEncoder, adm_center_crop, init_rae_dir, load_rae
 from pipeline import metrics
-from pipeline.manifest import ArtifactError, Manifest, file_sha256, write_manifest
+from pipeline.manifest import RECORD_SUFFIX, ArtifactError, Manifest, file_sha256, write_manifest
 from pipeline.runtime import Dist
 from pipeline.shards import ImageShards
 from stages import classifier, fid
@@ -279,3 +279,19 @@ def test_absent_inception_is_reported_at_once_offline_or_refused(reference, samp
     with pytest.raises(fid.UserError, match="--require-inception"):
         fid.run_ref(fid.RefConfig(images=images_artifact, out=tmp_path / "r", require_inception=True, device="cpu"),
                     dist=Dist())
+
+
+def test_blocks_without_a_space_are_refused_not_merged_into_a_subset(reference, samples_dir, encoder_dir, tmp_path):
+    """A run resumed across an upgrade (old blocks lack sFID's moments) must not report statistics of a subset."""
+    cfg = fid.Config(samples=samples_dir, reference=reference, out=tmp_path / "f", encoder=str(encoder_dir),
+                     block_size=4, device="cpu")
+    fid.run(cfg, dist=Dist())
+    first = tmp_path / "f" / "samples-000000.npz"
+    with np.load(first) as z:
+        kept = {k: z[k] for k in z.files if not k.startswith("dino_cls.")}  # as if written before that space existed
+    np.savez(first, **kept)
+    record = first.with_name(first.name + RECORD_SUFFIX)
+    record.write_text(json.dumps({**json.loads(record.read_text()), "bytes": first.stat().st_size}))
+    (tmp_path / "f" / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="dino_cls statistics are missing from some blocks"):
+        fid.run(cfg, dist=Dist())
