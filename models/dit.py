@@ -11,7 +11,8 @@ Deliberate choices and departures:
   generator, so it travels in the state dict (the official code stores it as a non-trainable variable).
 - The sin-cos position table and RoPE tables are non-persistent buffers recomputed by `reset_fixed_buffers`, so a
   model built on the meta device can be materialised and loaded (`load_dit`).
-- Unused official options (joint CLS diffusion, registers, learn_sigma, the DiT^DH head) are not implemented.
+- Unused official options (joint CLS diffusion, registers, learn_sigma) are not implemented; the DiT^DH head is
+  `models/dit_dh.py` (train-dit `--arch dit-dh`).
 - Label dropout is not done here: callers pass the null class (`cfg.num_classes`) in `y` (see `models.flow`).
 """
 

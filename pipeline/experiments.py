@@ -115,7 +115,7 @@ class DiTExperiment:
     arch: str  # "dit" (models.dit) | "dit-dh" (models.dit_dh)
     preset: str  # key of models.dit.PRESETS ("XL") or models.dit_dh.PRESETS ("ditxl-dh")
     kappa: float | None = None  # None: sqrt(T F / 4096) (train-dit --kappa 0)
-    normalise: bool = False  # -norm: per-(token, channel) standardised latents
+    standardize_latents: bool = False  # -norm: per-(token, channel) standardised latents
 
     def to_dict(self) -> dict:
         """JSON-able dict for manifests."""
@@ -202,4 +202,5 @@ def resolve_dit_experiment(name: str) -> DiTExperiment:
             raise UserError(f"experiment {name!r}: kappa must be positive (t / (kappa - (kappa - 1) t))")
     dh = "dh" in found
     return DiTExperiment(name=name, size=size, arch="dit-dh" if dh else "dit",
-                         preset=f"dit{size}-dh" if dh else DIT_PRESET[size], kappa=kappa, normalise="norm" in found)
+                         preset=f"dit{size}-dh" if dh else DIT_PRESET[size], kappa=kappa,
+                         standardize_latents="norm" in found)

@@ -71,10 +71,10 @@ def check_decoder(rae, vae_manifest: Manifest, decoder: str) -> str:
 def load_chain(dit_dir: Path, vae_dir: Path, decoder: str, device: torch.device, latents: Path | None = None,
                vae_weights: str | None = None) -> Chain:
     """Load DiT (EMA), FlatDINO and pixel decoder; refuse them unless they belong together (fingerprints)."""
-    from models.dit import load_dit
+    from models.dit_dh import load_generator
 
     dit_m = require_complete(dit_dir, "train_dit")
-    dit, full = load_dit(dit_dir, ema=True, device=device)
+    dit, full = load_generator(dit_dir, ema=True, device=device)
     lat_path = latents or Path(dit_m.inputs["latents"]["path"])
     lat_m = require_complete(lat_path, "latents")
     if lat_m.fingerprint != full["latents_fingerprint"]:

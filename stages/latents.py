@@ -70,7 +70,7 @@ def encode_mu(model, feats: np.ndarray, device: torch.device, precision: str) ->
     """(b, V, N, D) float16 features -> (b * V, T, F) float32 posterior means, rows in (sample, view) order."""
     tokens = torch.from_numpy(feats).float().flatten(0, 1).to(device)  # (b*V, N, D)
     with autocast(precision, device):
-        mu = model.encode(tokens).mu
+        mu = model.latents(tokens)  # posterior means (tanh(mu) for -tanh models)
     return mu.float().cpu().numpy()
 
 

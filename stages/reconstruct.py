@@ -88,7 +88,7 @@ def reconstruct(vae, decoder: PixelDecoder, tokens: torch.Tensor, precision: str
     tokens = tokens.to(device)
     with autocast(precision, device):
         direct = decoder(tokens).float()  # (B, 3, 256, 256)
-        via = decoder(vae.decode(vae.encode(tokens).mu).float()).float()  # mu, not a sample (SPEC 9.2)
+        via = decoder(vae.decode(vae.latents(tokens)).float()).float()  # mu, not a sample (SPEC 9.2)
     return decoder.to_uint8(direct).cpu().numpy(), decoder.to_uint8(via).cpu().numpy()
 
 

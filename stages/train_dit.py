@@ -33,7 +33,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from models.dit import PRESETS, DiT, DiTConfig, config_to_dict
+from models import dit_dh
+from models.dit import PRESETS, DiT, DiTConfig
 from models.flow import FlowDraw, default_kappa, flow_loss, shift_time
 from pipeline.checkpoint import publish
 from pipeline.config import command_from_config, config_to_dict as cfg_dict, opt
@@ -56,7 +57,14 @@ class Config(TrainOptions):
     latents: Path = field(metadata=opt("latents artifact directory (holds latents.zarr and manifest.json)",
                                        runtime=True))
     out: Path = field(metadata=opt("output directory for checkpoints, logs and the manifest", runtime=True))
-    preset: str = field(default="XL", metadata=opt(f"DiT preset: one of {', '.join(PRESETS)}"))
+    experiment: str | None = field(default=None, metadata=opt(
+        "an official generator name, e.g. ditxl-kappa3 or ditxl-dh-norm: sets --arch, --preset, --kappa and "
+        "--standardize-latents as the official code builds them from it (printed, recorded in the manifest)"))
+    arch: Literal["dit", "dit-dh"] = field(default="dit", metadata=opt(
+        "dit: LightningDiT (the paper's generator); dit-dh: DiT^DH, a DiT trunk with RAE's wide shallow denoising "
+        "head (presets named as the official code: dits-dh, ditb-dh, ditl-dh, ditxl-dh; ditt-dh for tests)"))
+    preset: str = field(default="XL", metadata=opt(
+        f"generator preset: {', '.join(PRESETS)} (--arch dit) or {', '.join(dit_dh.PRESETS)} (--arch dit-dh)"))
     steps: int = field(default=1_000_911, metadata=opt("optimizer steps in total (official default: 800 epochs)"))
     global_batch: int = field(default=1024, metadata=opt("samples per optimizer step, over all processes"))
     lr: float = field(default=2e-4, metadata=opt("constant AdamW learning rate (no warmup, SPEC 7.3)"))
@@ -140,23 +148,47 @@ def map_rows(cfg: Config, data: LatentData, rt: Runtime) -> LatentData:
     return data._replace(z=rows)
 
 
-def model_config(cfg: Config, data: LatentData) -> DiTConfig:
-    """The preset with tokens/channels/classes from the artifact."""
-    if cfg.preset not in PRESETS:
-        raise UserError(f"unknown DiT preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
+def apply_experiment(cfg: Config) -> Config:
+    """`cfg` with the options of its official generator name; an option given explicitly with another value is
+    refused."""
+    if cfg.experiment is None:
+        return cfg
+    from pipeline.experiments import resolve_dit_experiment
+
+    exp = resolve_dit_experiment(cfg.experiment)
+    values = {"arch": exp.arch, "preset": exp.preset, "kappa": exp.kappa or 0.0,
+              "standardize_latents": exp.standardize_latents}
+    defaults = Config(latents=cfg.latents, out=cfg.out)
+    clash = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (the name sets {v!r})" for k, v in values.items()
+             if getattr(cfg, k) != getattr(defaults, k) and getattr(cfg, k) != v]
+    if clash:
+        raise UserError(f"--experiment {cfg.experiment} sets these options itself: {'; '.join(clash)}; drop them "
+                        "or drop --experiment")
+    return dataclasses.replace(cfg, **values)
+
+
+def model_config(cfg: Config, data: LatentData):
+    """The preset (a DiTConfig or a DiTDHConfig) with tokens/channels/classes from the artifact."""
+    presets = dit_dh.PRESETS if cfg.arch == "dit-dh" else PRESETS
+    if cfg.preset not in presets:
+        raise UserError(f"unknown --arch {cfg.arch} preset {cfg.preset!r}; choose one of {', '.join(presets)}")
     T, F = data.z.shape[1:]
-    return dataclasses.replace(PRESETS[cfg.preset], tokens=T, channels=F, num_classes=data.num_classes,
+    return dataclasses.replace(presets[cfg.preset], tokens=T, channels=F, num_classes=data.num_classes,
                                time_seed=cfg.time_seed, attn_backend=cfg.attn_backend,
                                grad_checkpointing=cfg.grad_checkpointing)
+
+
+def build_model(cfg: Config, dit) -> torch.nn.Module:
+    return (dit_dh.DiTDH if cfg.arch == "dit-dh" else DiT)(dit)
 
 
 def resolved_kappa(cfg: Config, dit: DiTConfig) -> float:
     return cfg.kappa if cfg.kappa > 0 else default_kappa(dit.tokens, dit.channels)
 
 
-def checkpoint_config(cfg: Config, dit: DiTConfig, data: LatentData, step: int) -> dict:
+def checkpoint_config(cfg: Config, dit, data: LatentData, step: int) -> dict:
     """The `config.json` of the inference checkpoint: enough for `sample` to rebuild and use the model."""
-    return {"dit": config_to_dict(dit),
+    return {"arch": cfg.arch, "dit": dataclasses.asdict(dit),
             "flow": {"kappa": resolved_kappa(cfg, dit), "label_dropout": cfg.label_dropout, "prediction": "velocity",
                      "convention": "t=0 noise, t=1 data"},
             "standardize_latents": cfg.standardize_latents, "latents_fingerprint": data.fingerprint, "step": step,
@@ -230,7 +262,7 @@ def recipe(cfg: Config, data: LatentData, rt: Runtime, dit: DiTConfig) -> Recipe
     """Model, optimizer, order, draws and loss of the run."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # weight init only; every training draw uses an explicit generator
-        model = DiT(dit).to(rt.device)
+        model = build_model(cfg, dit).to(rt.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=BETAS, eps=ADAM_EPS,
                                   weight_decay=cfg.weight_decay)
     flow = Flow(resolved_kappa(cfg, dit), cfg.label_dropout, dit.null_class)
@@ -284,7 +316,10 @@ def grid_event(cfg: Config, trainer: Trainer, data: LatentData, kappa: float) ->
 
 def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
     """Train (or resume) to `cfg.steps` optimizer steps; returns the manifest of the finished run."""
-    t0 = time.time()
+    t0, cfg = time.time(), apply_experiment(cfg)
+    if cfg.experiment:
+        log.info("experiment %s: --arch %s --preset %s --kappa %s --standardize-latents %s", cfg.experiment, cfg.arch,
+                 cfg.preset, cfg.kappa, cfg.standardize_latents)
     config = {**cfg_dict(cfg, semantic_only=True),
               "latents_fingerprint": require_complete(cfg.latents, "latents").fingerprint}
     rt = rt or launch(cfg.device, cfg.precision)
@@ -323,7 +358,8 @@ def _manifest(cfg: Config, trainer: Trainer, dit: DiTConfig, data: LatentData, r
                     shards=[{"name": "ckpt/ema.safetensors", "sha256": ema_sha}],
                     counts={"written": cfg.steps, "skipped": 0, "failed": 0},
                     extra={"kappa": resolved_kappa(cfg, dit), "standardize_latents": cfg.standardize_latents,
-                           "step": cfg.steps, "dit": config_to_dict(dit),
+                           "step": cfg.steps, "arch": cfg.arch, "dit": dataclasses.asdict(dit),
+                           "experiment": cfg.experiment,
                            "final_loss": history[-1]["loss"] if history else None,
                            "precision": rt.precision, "world_size": rt.world},
                     versions=environment(), timings={"train_seconds_this_run": seconds}, complete=True)

@@ -71,9 +71,20 @@ class Config(TrainOptions):
         "features: stored feature shards; images: DINOv2 features on the fly with random-resized crop + flip"))
     images: Path | None = field(default=None, metadata=opt("images artifact (with --source images)"))
     encoder: str | None = field(default=None, metadata=opt("RAE directory or hub id (with --source images)"))
+    experiment: str | None = field(default=None, metadata=opt(
+        "an official experiment name, e.g. long-32-bl-128-kl3-an5k: sets the architecture, --variant and the loss "
+        "options exactly as the official code builds them from that name (printed, and recorded in the manifest); "
+        "suffixes -hl -nokl -klN -MklN -anNk -fbX -klvarN -erN -drN -tanh"))
     preset: str = field(default="32-bl-128", metadata=opt(f"FlatDINO preset: {', '.join(PRESETS)}"))
     num_tokens: int | None = field(default=None, metadata=opt("override the preset's latent tokens T"))
     latent_dim: int | None = field(default=None, metadata=opt("override the preset's latent channels F"))
+    encoder_size: Literal["t", "s", "b", "l"] | None = field(default=None, metadata=opt(
+        "override the preset's encoder ViT size"))
+    decoder_size: Literal["t", "s", "b", "l"] | None = field(default=None, metadata=opt(
+        "override the preset's decoder ViT size"))
+    half_depth: bool = field(default=False, metadata=opt("halve encoder and decoder depth (official -hl)"))
+    tanh: bool = field(default=False, metadata=opt("tanh on the latents: on z in training, on mu downstream "
+                                                   "(official -tanh)"))
     encoder_registers: int = field(default=0, metadata=opt("disposable encoder registers (official -erN)"))
     decoder_registers: int = field(default=0, metadata=opt("disposable decoder registers (official -drN)"))
     standardize_features: bool = field(default=False, metadata=opt(
@@ -92,6 +103,8 @@ class Config(TrainOptions):
     kl_weight: float | None = field(default=None, metadata=opt("beta; default 5.12e-4 / (T*F)"))
     kl_anneal_steps: int = field(default=0, metadata=opt("linear KL warm-up from 0 over this many updates"))
     free_bits: float = field(default=0.0, metadata=opt("per-dimension KL floor (official -fbX)"))
+    kl_var_weight: float = field(default=0.0, metadata=opt(
+        "weight (times beta) of the variance over tokens of the per-token KL (official -klvarN: 1e-N); 0 = off"))
     val_every: int | None = field(default=None, metadata=opt("validate every N updates (default: every 5 epochs)"))
     val_samples: int | None = field(default=None, metadata=opt("validate on the first N val samples (default all)"))
     seed: int = field(default=0, metadata=opt("seed of init, data order and noise"))
@@ -123,14 +136,42 @@ class Plan:
         return wsd_lr(step, self.total, self.warmup, self.decay, LR_INIT, self.lr_peak, LR_FINAL)
 
 
+# the options an official experiment name sets (pipeline.experiments.VAEExperiment field -> Config field)
+EXPERIMENT_FIELDS = {"variant": "variant", "num_tokens": "num_tokens", "encoder": "encoder_size",
+                     "decoder": "decoder_size", "latent_dim": "latent_dim", "half_depth": "half_depth",
+                     "kl_weight": "kl_weight", "kl_anneal_steps": "kl_anneal_steps", "free_bits": "free_bits",
+                     "encoder_registers": "encoder_registers", "decoder_registers": "decoder_registers",
+                     "tanh": "tanh", "kl_var_weight": "kl_var_weight"}
+
+
+def apply_experiment(cfg: Config) -> Config:
+    """`cfg` with the options of its official experiment name filled in; an option also given explicitly with
+    another value is refused (the name must mean exactly what the official code builds)."""
+    if cfg.experiment is None:
+        return cfg
+    from pipeline.experiments import resolve_vae_experiment
+
+    exp = resolve_vae_experiment(cfg.experiment)
+    defaults = Config(out=cfg.out)
+    values = {ours: getattr(exp, theirs) for theirs, ours in EXPERIMENT_FIELDS.items()}
+    clash = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (the name sets {v!r})" for k, v in values.items()
+             if getattr(cfg, k) != getattr(defaults, k) and getattr(cfg, k) != v]
+    if clash:
+        raise UserError(f"--experiment {cfg.experiment} sets these options itself: {'; '.join(clash)}; drop them "
+                        "or drop --experiment")
+    return replace(cfg, **values)
+
+
 def resolve_model(cfg: Config, feature_dim: int, num_patches: int) -> FlatDINOConfig:
     """The preset with the config's overrides; the feature shape comes from the data."""
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     base = PRESETS[cfg.preset]
-    return replace(base, num_tokens=cfg.num_tokens or base.num_tokens, latent_dim=cfg.latent_dim or base.latent_dim,
+    return replace(base, encoder=cfg.encoder_size or base.encoder, decoder=cfg.decoder_size or base.decoder,
+                   num_tokens=cfg.num_tokens or base.num_tokens, latent_dim=cfg.latent_dim or base.latent_dim,
                    feature_dim=feature_dim, num_patches=num_patches, encoder_registers=cfg.encoder_registers,
-                   decoder_registers=cfg.decoder_registers, standardize=cfg.standardize_features)
+                   decoder_registers=cfg.decoder_registers, standardize=cfg.standardize_features,
+                   half_depth=cfg.half_depth, tanh=cfg.tanh)
 
 
 def make_plan(cfg: Config, num_samples: int, model_cfg: FlatDINOConfig) -> Plan:
@@ -185,9 +226,9 @@ def vae_step_loss(model, tokens: torch.Tensor, d: dict, step: int, cfg: Config, 
     """Loss of one micro-batch of tokens (b, N, D) with its noise (b, T, F); scalars for the logs."""
     out = model(tokens, d["noise"])
     beta = plan.beta * kl_anneal(step, cfg.kl_anneal_steps)
-    loss = vae_loss(out.recon, tokens, out.posterior, beta, cfg.free_bits)
-    return loss.total, {"recon": loss.recon, "kl": loss.kl, "cosine": patch_cosine(out.recon.detach(), tokens),
-                        "kl_per_token": loss.kl_per_token}
+    loss = vae_loss(out.recon, tokens, out.posterior, beta, cfg.free_bits, cfg.kl_var_weight)
+    return loss.total, {"recon": loss.recon, "kl": loss.kl, "kl_var": loss.kl_var,
+                        "cosine": patch_cosine(out.recon.detach(), tokens), "kl_per_token": loss.kl_per_token}
 
 
 def recipe(cfg: Config, data: TrainData, plan: Plan, model: FlatDINO) -> Recipe:
@@ -250,6 +291,9 @@ def publish_weights(out: Path, name: str, model: FlatDINO, meta: dict) -> None:
 def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
     """Train (or resume) a FlatDINO VAE; returns the manifest when the schedule is complete, else None."""
     rt, t0 = (rt or launch()).on(cfg.device, cfg.precision), time.time()
+    cfg = apply_experiment(cfg)
+    if cfg.experiment:
+        log.info("experiment %s: %s", cfg.experiment, {k: getattr(cfg, k) for k in EXPERIMENT_FIELDS.values()})
     data = open_data(cfg)
     model_cfg = resolve_model(cfg, data.dim, data.num_patches)
     plan = make_plan(cfg, data.num_train, model_cfg)
@@ -290,6 +334,8 @@ def _finish(od: OutputDir, cfg: Config, data: TrainData, model_cfg, plan: Plan, 
         extra={"best_step": best["best_step"], "val_loss": best["best_val"], "last_step": state["step"],
                "last_val_loss": last_val["val_loss"], "last_val_cosine": last_val["val_cosine"],
                "model": config_to_json(model_cfg), "plan": plan.__dict__, "encoder": data.encoder,
+               "experiment": {"name": cfg.experiment, **{k: getattr(cfg, k) for k in EXPERIMENT_FIELDS.values()}}
+               if cfg.experiment else None,
                "latent_shape": list(model_cfg.latent_shape)},
         timings={"seconds": round(seconds, 3), "updates_per_second": round(plan.total / max(seconds, 1e-9), 3)},
     )

@@ -221,3 +221,32 @@ def test_sample_grid_through_flatdino_and_pixel_decoder(encoder_dir, features_ar
     events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
     events.Reload()
     assert [e.step for e in events.Images("samples")] == [1, 2]
+
+
+def test_dit_dh_trains_resumes_and_loads(latents, tmp_path, crash_at):
+    """--arch dit-dh through the same trainer: checkpoint config says the arch, load_generator rebuilds it, and a
+    killed run resumes to the same weights."""
+    from models.dit_dh import DiTDH, load_generator
+
+    full = train_dit.run(config(latents, tmp_path / "a", arch="dit-dh", preset="ditt-dh"))
+    assert full.extra["arch"] == "dit-dh" and full.extra["dit"]["dh_width"] == 256
+    disarm = crash_at(3)
+    with pytest.raises(Killed):
+        train_dit.run(config(latents, tmp_path / "b", arch="dit-dh", preset="ditt-dh"))
+    disarm()
+    train_dit.run(config(latents, tmp_path / "b", arch="dit-dh", preset="ditt-dh"))
+    assert_same(weights(tmp_path / "a")[1], weights(tmp_path / "b")[1])
+    model, cfg = load_generator(tmp_path / "a")
+    assert isinstance(model, DiTDH) and cfg["arch"] == "dit-dh"
+    with pytest.raises(UserError, match="choose one of dits-dh"):
+        train_dit.run(config(latents, tmp_path / "c", arch="dit-dh", preset="T"))
+
+
+def test_official_generator_names_resolve_and_are_recorded(latents, tmp_path):
+    m = train_dit.run(config(latents, tmp_path / "a", steps=2, preset="XL", experiment="dits-kappa3-norm"))
+    assert m.extra["experiment"] == "dits-kappa3-norm" and m.extra["arch"] == "dit" and m.extra["kappa"] == 3.0
+    assert m.extra["standardize_latents"] is True and m.extra["dit"]["width"] == 384  # dit-s
+    with pytest.raises(UserError, match="sets these options itself: --kappa 2.0"):
+        train_dit.run(config(latents, tmp_path / "b", experiment="dits-kappa3", preset="XL", kappa=2.0))
+    with pytest.raises(UserError, match="-xpred"):
+        train_dit.run(config(latents, tmp_path / "c", experiment="ditxl-xpred", preset="XL"))

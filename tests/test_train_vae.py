@@ -202,3 +202,25 @@ def test_standardize_stores_float64_train_statistics_and_resumes(features, tmp_p
     torch.testing.assert_close(model.encoder.feature_scale, cached[1].clamp_min(0.1), rtol=0, atol=0)
     with pytest.raises(UserError, match="--source features"):
         tv.open_data(tv.Config(out=tmp_path / "x", source="images", images=tmp_path, encoder="e", standardize_features=True))
+
+
+def test_official_experiment_name_sets_the_run(features, tmp_path):
+    """--experiment long-4-tt-16-hl-25kl7-an1k-fb0.5-klvar2-er1-dr2-tanh: the architecture and loss options the
+    official grammar gives, recorded in the manifest; explicit options that disagree are refused."""
+    name = "fast-4-tt-16-hl-25kl7-an1k-fb0.5-klvar2-er1-dr2-tanh"
+    cfg = tv.Config(out=tmp_path / "a", features=features, experiment=name, steps=2, global_batch=8, micro_batch=8,
+                    val_every=2, num_workers=1, device="cpu")
+    m = tv.run(cfg)
+    model = m.extra["model"]
+    assert (model["encoder"], model["decoder"], model["num_tokens"], model["latent_dim"]) == ("t", "t", 4, 16)
+    assert model["half_depth"] and model["tanh"] and model["encoder_registers"] == 1 and model["decoder_registers"] == 2
+    e = m.extra["experiment"]
+    assert e["name"] == name and e["variant"] == "fast" and e["kl_weight"] == pytest.approx(2.5e-7)
+    assert e["kl_anneal_steps"] == 1000 and e["free_bits"] == 0.5 and e["kl_var_weight"] == pytest.approx(1e-2)
+    assert m.extra["plan"]["beta"] == pytest.approx(2.5e-7)
+    model, model_cfg, _ = load_flatdino(tmp_path / "a")
+    assert len(model.encoder.trunk.blocks) == 6  # t: 12 blocks, halved
+    with pytest.raises(tv.UserError, match="sets these options itself: --free-bits 0.1"):
+        tv.run(replace(cfg, out=tmp_path / "b", free_bits=0.1))
+    with pytest.raises(tv.UserError, match="-il3"):
+        tv.run(replace(cfg, out=tmp_path / "c", experiment="long-32-bl-128-il3"))
