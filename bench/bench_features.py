@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.encoder import FeatureEncoder, adm_center_crop, init_rae_dir, load_rae, pil_to_uint8  # noqa: E402
-from pipeline.runtime import Dist, autocast  # noqa: E402
+from pipeline.runtime import Runtime, autocast  # noqa: E402
 from pipeline.shards import ImageShards  # noqa: E402
 from stages import features, images  # noqa: E402
 
@@ -64,7 +64,7 @@ def end_to_end(images_dir: Path, encoder_dir: Path, out: Path, batch: int, preci
     cfg = features.Config(images=images_dir, encoder=str(encoder_dir), out=out, views=1, batch_size=batch,
                           precision=precision, num_workers=2)
     t0 = time.perf_counter()
-    m = features.run(cfg, dist=Dist())
+    m = features.run(cfg, rt=Runtime())
     return m.timings["images_per_second"], m.counts["written"] / (time.perf_counter() - t0)
 
 

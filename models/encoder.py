@@ -214,6 +214,29 @@ def state_fingerprint(module: nn.Module, prefix: str = "") -> str:
     return h.hexdigest()
 
 
+# configuration that changes what the networks compute, hashed with their weights: two encoders with the same weights
+# but another input size (a 224 vs a 112 px grid) or patch size are different encoders. Explicit keys (not the whole
+# config) so that a library upgrade that adds config fields does not change the fingerprint.
+ENCODER_FACTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
+                 "num_register_tokens", "layer_norm_eps", "hidden_act", "image_size", "layerscale_value",
+                 "use_swiglu_ffn", "qkv_bias")
+DECODER_FACTS = ("patch_size", "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads",
+                 "decoder_intermediate_size", "encoder_input_size", "encoder_patch_size")
+
+
+def model_fingerprint(weights: str, facts: dict) -> str:
+    """One identity for weights (a `state_fingerprint`) and the configuration facts that change the computation."""
+    return hashlib.sha256(json.dumps({"weights": weights, **facts}, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def encoder_fingerprint(rae) -> str:
+    """The DINOv2 encoder of an RAE: canonical weights + its architecture and input size."""
+    cfg = rae.encoder.config
+    facts = {k: getattr(cfg, k, None) for k in ENCODER_FACTS}
+    return model_fingerprint(state_fingerprint(rae, "encoder."),
+                             {**facts, "encoder_input_size": int(rae.config.encoder_input_size)})
+
+
 class FeatureEncoder(nn.Module):
     """Frozen DINOv2-with-registers: uint8 images (B, 3, 256, 256) -> patch tokens (B, 256, 768)."""
 
@@ -231,7 +254,7 @@ class FeatureEncoder(nn.Module):
         self.num_patches = (self.input_size // int(self.model.config.patch_size)) ** 2
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.fingerprint = state_fingerprint(rae, "encoder.")
+        self.fingerprint = encoder_fingerprint(rae)
 
     def preprocess(self, x: torch.Tensor, mode: str = "bicubic") -> torch.Tensor:
         """uint8 or [0, 1] float (B, 3, H, W) -> (B, 3, 224, 224) ImageNet-normalised; the resize antialiases
@@ -260,12 +283,15 @@ class PixelDecoder(nn.Module):
     def __init__(self, rae):
         super().__init__()
         self.decoder = rae.decoder
+        self.facts = {k: rae.config.get(k) if hasattr(rae.config, "get") else getattr(rae.config, k, None)
+                      for k in DECODER_FACTS}
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @property
     def fingerprint(self) -> str:
-        return state_fingerprint(self.decoder)
+        """The decoder's canonical weights + its patch/output geometry and width."""
+        return model_fingerprint(state_fingerprint(self.decoder), self.facts)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, D) raw affine-free LN features -> (B, 3, H, W) normalised pixels."""

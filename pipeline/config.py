@@ -1,15 +1,20 @@
 """Stage configs are frozen dataclasses; click options are generated from their fields one to one.
 
-A field's metadata carries its help text and whether it is a runtime-only knob (`runtime=True`: workers, progress
-bars, `--overwrite`), which does not change the artifact's bytes and is left out of the config hash that guards
-an output directory against mixed runs.
+A field's metadata carries its help text, the range a number must lie in (checked when the option is parsed, shown
+in `--help`, and checked again when a config is built in code), and whether it is a runtime-only knob
+(`runtime=True`: paths, workers, tolerances, `--overwrite`), which does not change the artifact's bytes and is left out
+of the config hash that guards an output directory against mixed runs. Identity is content: configuration that
+changes results plus input fingerprints, never a path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import signal
 import sys
+import threading
 import types
 import typing
 from pathlib import Path
@@ -20,9 +25,44 @@ import click
 from pipeline.manifest import UserError
 
 
-def opt(help: str, *, runtime: bool = False) -> dict:
-    """Field metadata: `x: int = field(default=8, metadata=opt("what x does"))`."""
-    return {"help": help, "runtime": runtime}
+def opt(help: str, *, runtime: bool = False, min: float | None = None, max: float | None = None,
+        min_open: bool = False, max_open: bool = False) -> dict:
+    """Field metadata: `x: int = field(default=8, metadata=opt("what x does", min=1))`; `min`/`max` bound a number
+    (or each element of a tuple of numbers), open bounds exclude the value itself."""
+    rng = None if min is None and max is None else (min, max, min_open, max_open)
+    return {"help": help, "runtime": runtime, "range": rng}
+
+
+def _describe(rng: tuple) -> str:
+    lo, hi, lo_open, hi_open = rng
+    parts = ([f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []) + \
+        ([f"{'<' if hi_open else '<='} {hi}"] if hi is not None else [])
+    return " and ".join(parts)
+
+
+def _in_range(v: float, rng: tuple) -> bool:
+    lo, hi, lo_open, hi_open = rng
+    return not ((lo is not None and (v < lo or (lo_open and v == lo))) or
+                (hi is not None and (v > hi or (hi_open and v == hi))))
+
+
+def check_ranges(cfg: Any) -> None:
+    """UserError naming the first field of `cfg` whose number lies outside its declared range."""
+    for f in dataclasses.fields(cfg):
+        rng, value = f.metadata.get("range"), getattr(cfg, f.name)
+        if rng is None or value is None:
+            continue
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _in_range(v, rng):
+                raise UserError(f"--{f.name.replace('_', '-')} must be {_describe(rng)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """Base of stage configs: numeric fields are range-checked on construction (CLI or code)."""
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def config_to_dict(cfg: Any, *, semantic_only: bool = False) -> dict:
@@ -89,14 +129,24 @@ def _click_option(f: dataclasses.Field, tp: Any) -> Callable:
         kw["type"] = click.Choice([str(a) for a in typing.get_args(base)])
     elif typing.get_origin(base) is tuple:
         args = typing.get_args(base)
-        kw["type"], kw["nargs"] = args[0], len(args)
+        kw["type"], kw["nargs"] = _ranged(args[0], f), len(args)
     elif base is Path:
         kw["type"] = click.Path(path_type=Path)
     elif base in (int, float, str):
-        kw["type"] = base
+        kw["type"] = _ranged(base, f)
     else:
         raise TypeError(f"no click mapping for field {f.name}: {tp}")
     return click.option(name, f.name, default=default, required=required, **kw)
+
+
+def _ranged(tp: type, f: dataclasses.Field):
+    """click's IntRange/FloatRange for a ranged number field (the range shows in --help), else the plain type."""
+    rng = f.metadata.get("range")
+    if rng is None or tp not in (int, float):
+        return tp
+    lo, hi, lo_open, hi_open = rng
+    cls = click.IntRange if tp is int else click.FloatRange
+    return cls(lo, hi, min_open=lo_open, max_open=hi_open)
 
 
 def command_from_config(cls: type, run: Callable, name: str, help: str, summary: Callable | None = None) -> click.Command:
@@ -110,11 +160,16 @@ def command_from_config(cls: type, run: Callable, name: str, help: str, summary:
         from pipeline.train import Interrupted
 
         try:
-            cfg = cls(**kwargs)
-            result = run(cfg)
+            with _stop_on_signals():
+                cfg = cls(**kwargs)
+                result = run(cfg)
         except Interrupted as e:  # SIGTERM/SIGINT during training: a checkpoint of the current step is on disk
             click.secho(str(e), fg="yellow", err=True)
             sys.exit(e.exit_code)
+        except Stopped as e:  # SIGTERM/SIGINT in a shard stage: the shard in flight was dropped (atomic writes)
+            click.secho(f"{signal.Signals(e.signum).name}: stopped; the shards committed so far are kept and the one "
+                        f"in flight was dropped; re-run the same command to resume", fg="yellow", err=True)
+            sys.exit(128 + e.signum)
         except UserError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
@@ -132,16 +187,48 @@ def command_from_config(cls: type, run: Callable, name: str, help: str, summary:
     return click.command(name=name, help=help, context_settings={"show_default": True, "max_content_width": 110})(cmd)
 
 
-# write errors that mean "the storage failed us", not "the code is wrong": reported without a traceback
+class Stopped(BaseException):
+    """SIGTERM/SIGINT outside a training loop: raised where the signal lands, so every atomic write in flight removes
+    its temporary file on the way out (a BaseException, like KeyboardInterrupt, so no `except Exception` eats it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM (what Slurm and Kubernetes send before SIGKILL) and SIGINT raise `Stopped` for the duration."""
+    def handle(signum, frame):
+        raise Stopped(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# errors that mean "the storage failed us", not "the code is wrong": reported without a traceback
 STORAGE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
-                  errno.EIO: "I/O error", errno.EROFS: "Read-only file system"}
+                  errno.EIO: "I/O error", errno.EROFS: "Read-only file system", errno.EACCES: "Permission denied",
+                  errno.EPERM: "Operation not permitted"}
 
 
 def storage_error_message(e: OSError, out: Any = None) -> str:
     """The user-facing message for a storage OSError: what failed, where, and that committed work is kept."""
     where = e.filename or (f"under {out}" if out is not None else "the output")
-    action = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the storage"
-    return (f"{STORAGE_ERRNOS[e.errno]} while writing {where}: {action} and re-run the same command; "
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        verb, action = "while writing", "free space"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        verb, action = "on", "fix the permissions (or use another --out)"
+    else:
+        verb, action = "while writing", "fix the storage"
+    return (f"{STORAGE_ERRNOS[e.errno]} {verb} {where}: {action} and re-run the same command; "
             f"committed shards and checkpoints are kept and the run resumes from them")
 
 

@@ -109,6 +109,9 @@ def finalize_stats(path: str | Path, eps: float = 1e-6) -> tuple[np.ndarray, np.
     mu = g["mu"]
     n, chunk = mu.shape[0], mu.chunks[0]
     mean, std = elementwise_mean_std(lambda: (mu[s : s + chunk] for s in range(0, n, chunk)))
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise ArtifactError(_damaged(Path(path), "the per-(token, channel) statistics are not finite (a non-finite "
+                                                 "row got into mu)"))
     std = np.maximum(std, eps)
     for name, arr in (("mean", mean), ("std", std)):
         g.create_array(name, shape=arr.shape, dtype="float64", overwrite=True)[...] = arr

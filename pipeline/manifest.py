@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import fnmatch
 import hashlib
 import json
 import logging
@@ -182,17 +183,29 @@ def write_manifest(out: str | Path, manifest: Manifest) -> None:
     atomic_write_json(Path(out) / MANIFEST, manifest.to_json())
 
 
-def _barrier() -> None:
-    """Wait for every process of a launched job (initialising its process group); no-op for one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    from pipeline.runtime import current_dist  # creates accelerate's PartialState (the process group)
+# what every stage may leave in its directory besides its own outputs (stamp, lock, records, manifest, temporaries)
+COMMON_OWNED = (MANIFEST, ".config.json", LOCK, "*" + RECORD_SUFFIX, "*.tmp", ".tmp-*", ".old-*")
 
-    current_dist()
-    import torch.distributed as torch_dist
 
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.barrier()
+def content_identity(obj: Any) -> Any:
+    """`obj` without its "path"/"source" entries (at any depth): what identifies inputs is their content
+    (fingerprints, sha256), never where they are, so artifacts may move."""
+    if isinstance(obj, dict):
+        return {k: content_identity(v) for k, v in obj.items() if k not in ("path", "source")}
+    if isinstance(obj, list):
+        return [content_identity(v) for v in obj]
+    return obj
+
+
+def local_dirs(path_or_id: str | Path | None) -> list[Path]:
+    """[the path] when it names something on disk (an RAE directory), [] for a hub id or None."""
+    return [Path(path_or_id)] if path_or_id is not None and Path(path_or_id).exists() else []
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """Whether path `a` is `b` or lies inside it (both resolved)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
 
 
 class OutputDir:
@@ -200,45 +213,100 @@ class OutputDir:
 
     Usage::
 
-        with OutputDir(cfg.out, "features", config_dict, overwrite=cfg.overwrite) as od:
+        with OutputDir(cfg.out, "features", config_dict, overwrite=cfg.overwrite, rt=rt, owns=("features-*.tar",),
+                       inputs=[cfg.images]) as od:
             if od.done:
                 return od.manifest
             ... for each planned shard not in od.committed(): write it, od.commit(record) ...
             od.finish(manifest)
+
+    Safety rules: the directory is a new or empty one, or one this stage stamped (`.config.json`); another stage's
+    artifact, a folder of the user's files, an existing file, or a path equal to / inside / around an input is refused.
+    `--overwrite` deletes only what the stage writes (`owns` + the common stamp/lock/records/manifest/temporaries) and
+    refuses when anything else is there, naming it. Under a launcher only the main process (`rt.is_main`) locks,
+    checks, wipes and stamps; the others wait at the barrier and then only read.
     """
 
-    def __init__(self, out: str | Path, stage: str, config: dict, overwrite: bool = False, lock: bool | None = None):
+    def __init__(self, out: str | Path, stage: str, config: dict, overwrite: bool = False, *, rt=None,
+                 owns: tuple[str, ...] = (), inputs: tuple | list = ()):
         self.path = Path(out)
         self.stage = stage
         self.config = config
         self.config_hash = json_sha256(config)
-        # Under a launcher (accelerate/torchrun) only rank 0 locks, wipes and stamps the directory; the other ranks
-        # wait for it and then only read. `lock=False` marks a secondary rank explicitly (tests emulate ranks).
-        self.is_main = int(os.environ.get("RANK", "0")) == 0 if lock is None else lock
+        self.rt = rt
+        self.is_main = rt is None or rt.is_main
         self.overwrite = overwrite and self.is_main
+        self.owns = (*COMMON_OWNED, *owns)
+        self.inputs = [Path(p) for p in inputs if p is not None]
         self._lock_fd: int | None = None
         self.manifest: Manifest | None = None
         self.done = False
 
+    def _barrier(self) -> None:
+        if self.rt is not None:
+            self.rt.barrier()
+
     def __enter__(self) -> "OutputDir":
         if not self.is_main:
-            _barrier()  # rank 0 has checked, wiped (--overwrite) and stamped the directory
+            self._barrier()  # rank 0 has checked, wiped (--overwrite) and stamped the directory
             self.path.mkdir(parents=True, exist_ok=True)  # (emulated ranks in tests may come first)
             self._check_existing(read_only=True)
             return self
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._acquire_lock()
         try:
+            self._check_place()
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._acquire_lock()
             self._check_existing()
         except BaseException:
             self._release_lock()
-            _barrier()
+            self._barrier()
             raise
-        _barrier()
+        self._barrier()
         return self
 
     def __exit__(self, *exc) -> None:
         self._release_lock()
+
+    def _check_place(self) -> None:
+        """Refuse a --out that is a file, that overlaps an input, or that holds something that is not ours."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--out {self.path} is an existing file, not a directory; pass a directory path")
+        for p in self.inputs:
+            if _inside(self.path, p) or _inside(p, self.path):
+                raise UserError(f"--out {self.path} overlaps the input {p} (equal, inside or around it); a stage "
+                                f"never writes into its inputs: use another --out")
+        if not self.path.is_dir():
+            return
+        stamp = self.path / ".config.json"
+        if not stamp.exists():  # ours only if empty, or holding nothing but what this stage writes (a run killed
+            foreign = self._foreign()  # while stamping, or other ranks that wrote before the main one stamped)
+            if foreign:
+                raise UserError(f"--out {self.path} already holds files that are not a {self.stage} artifact (e.g. "
+                                f"{foreign[0]!r}); a stage writes only into a new or empty directory or its own "
+                                f"artifact, so nothing of yours is overwritten: use another --out")
+            self.overwrite = False  # nothing this stage recorded as its own: never wipe an unstamped directory
+            return
+        try:
+            old = json.loads(stamp.read_text())
+        except ValueError as e:
+            raise ArtifactError(f"{stamp}: unreadable ({e}); delete it only if {self.path} is this stage's "
+                                f"artifact") from None
+        if old.get("stage", self.stage) != self.stage:
+            raise UserError(f"--out {self.path} holds a {old['stage']} artifact, not a {self.stage} one; "
+                            f"--overwrite never deletes another stage's artifact: use another --out")
+        if self.overwrite:
+            foreign = self._foreign()
+            if foreign:
+                raise UserError(f"--overwrite would delete {self.path / foreign[0]}, which {self.stage} did not "
+                                f"write ({len(foreign)} such entr{'y' if len(foreign) == 1 else 'ies'}); move "
+                                f"{'it' if len(foreign) == 1 else 'them'} out of {self.path} first, or use another "
+                                f"--out")
+
+    def _owned(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pat) for pat in self.owns)
+
+    def _foreign(self) -> list[str]:
+        return sorted(e.name for e in self.path.iterdir() if not self._owned(e.name))
 
     def _acquire_lock(self) -> None:
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -281,14 +349,19 @@ class OutputDir:
     def _mismatch_message(self, old: dict) -> str:
         diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {self.config.get(k)!r}" for k in diff[:6])
+        inputs = [k for k in diff if "fingerprint" in k or k in ("input", "images", "features", "samples",
+                                                                  "reference")]
+        why = (f" Its input changed since this run started ({', '.join(inputs)}): restore the input it was made "
+               f"from, or" if inputs else "")
         return (
-            f"{self.path} already holds a {self.stage} artifact made with a different config ({shown}). "
+            f"{self.path} already holds a {self.stage} artifact made with a different config ({shown}).{why} "
             f"Use another --out, or pass --overwrite to delete it and start again."
         )
 
     def _wipe(self) -> None:
+        """Delete what this stage wrote (checked in `_check_place`: nothing else is there)."""
         for p in self.path.iterdir():
-            if p.name == LOCK:
+            if p.name == LOCK or not self._owned(p.name):
                 continue
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 

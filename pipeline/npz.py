@@ -14,9 +14,14 @@ from pipeline.manifest import atomic_write_with
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:
-    """An uncompressed .npz in memory (np.savez layout)."""
+    """An uncompressed .npz in memory, readable by np.load, with fixed zip timestamps (np.savez stamps the current
+    time, so the same arrays would give other bytes a second later)."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
     return buf.getvalue()
 
 

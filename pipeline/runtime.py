@@ -88,22 +88,6 @@ def launch(device: str = "auto", precision: str = "auto") -> Runtime:
     return rt.on(device, precision)
 
 
-# Transitional names (stages not yet moved to `Runtime`).
-Dist = Runtime
-
-
-def current_dist() -> Runtime:
-    return launch("cpu", "fp32")
-
-
-def barrier(dist: Runtime) -> None:
-    dist.barrier()
-
-
-def stage_device(name: str, dist: Runtime) -> torch.device:
-    return dist.on(name).device
-
-
 class _RankFilter(logging.Filter):
     """Lets records through on rank 0 only; `launch()` sets the rank."""
 
@@ -126,9 +110,9 @@ def get_logger(name: str) -> logging.Logger:
     return root.getChild(name.split(".")[-1])
 
 
-def progress(total: int | None, desc: str, unit: str = "it", dist: Dist | None = None, initial: int = 0) -> tqdm:
+def progress(total: int | None, desc: str, unit: str = "it", rt: Runtime | None = None, initial: int = 0) -> tqdm:
     """A tqdm bar with rate and ETA on the main process; silent elsewhere and when stderr is not a terminal in CI."""
-    disable = dist is not None and not dist.is_main
+    disable = rt is not None and not rt.is_main
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=disable, dynamic_ncols=True,
                 mininterval=1.0, smoothing=0.1)
 

@@ -7,22 +7,26 @@ metadata (mtime 0, uid/gid 0, sorted members), so the same samples always give t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import logging
 import os
 import tarfile
+import threading
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.manifest import ArtifactError, _fsync_dir, require_complete
-from pipeline.runtime import Dist
+from pipeline.manifest import ArtifactError, _fsync_dir, file_sha256, require_complete
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # what PIL decodes; every reader knows them
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,6 @@ def plan_shards(num_samples: int, shard_size: int, prefix: str) -> list[ShardSpe
     ]
 
 
-def for_rank(plan: list, dist: Dist) -> list:
-    """The shards this rank writes: plan[rank::world]."""
-    return plan[dist.rank :: dist.world]
-
-
 def encode_npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
@@ -83,16 +82,50 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
-def write_tar_shard(path: str | Path, samples: Iterable[dict]) -> dict:
-    """Write samples `{"__key__": k, ext: bytes, ...}` as a deterministic webdataset tar, atomically.
+INDEX_SUFFIX = ".idx.npz"  # next to each shard: its members' offsets, sizes and block CRCs (written at commit)
+CRC_BLOCK = 1 << 16  # member data is checked in 64 KiB blocks, so a partial read (one view) is checked too
+INDEX_VERSION = 1
 
-    Returns the shard's record: name, count, bytes, sha256, first_key, last_key.
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file wrapper that hashes what passes through (the shard's sha256 without reading it back)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.pos = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        n = self.f.write(b)
+        self.sha.update(memoryview(b)[:n])
+        self.pos += n
+        return n
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def block_crcs(data: bytes | memoryview) -> list[int]:
+    """CRC32 of each CRC_BLOCK-sized block of `data` (at least one, for empty data)."""
+    view = memoryview(data)
+    return [zlib.crc32(view[s : s + CRC_BLOCK]) for s in range(0, max(len(view), 1), CRC_BLOCK)]
+
+
+def write_tar_shard(path: str | Path, samples: Iterable[dict]) -> dict:
+    """Write samples `{"__key__": k, ext: bytes, ...}` as a deterministic webdataset tar, atomically, and its index.
+
+    The sha256 is computed while writing; the index (`<name>.idx.npz`: every member's data offset, size and 64 KiB
+    block CRCs) is written after the rename and before the caller commits the record, so a committed shard always has
+    one. Returns the shard's record: name, count, bytes, sha256, first_key, last_key.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     keys: list[str] = []
+    members: list[tuple[str, str, int, int, list[int]]] = []
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as raw:
+            f = _HashingWriter(raw)
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for sample in samples:
                     key = sample["__key__"]
@@ -101,18 +134,155 @@ def write_tar_shard(path: str | Path, samples: Iterable[dict]) -> dict:
                     keys.append(key)
                     for ext in sorted(k for k in sample if not k.startswith("__")):
                         data = sample[ext]
-                        tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
-            f.flush()
-            os.fsync(f.fileno())
+                        info = _tarinfo(f"{key}.{ext}", len(data))
+                        header = len(info.tobuf(tarfile.USTAR_FORMAT, tar.encoding, tar.errors))
+                        members.append((key, ext, tar.offset + header, len(data), block_crcs(data)))
+                        tar.addfile(info, io.BytesIO(data))
+            raw.flush()
+            os.fsync(raw.fileno())
+        sha, size = f.sha.hexdigest(), f.pos
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed write (disk full, bad input) must not leave a partial file behind
         raise
-    sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    size = tmp.stat().st_size
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _write_index(path, sha, size, members)
     return {"name": path.name, "count": len(keys), "bytes": size, "sha256": sha,
             "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None}
+
+
+def _write_index(path: Path, sha: str, size: int, members: list) -> None:
+    from pipeline.manifest import atomic_write_with
+
+    crcs = [c for m in members for c in m[4]]
+    first = np.cumsum([0] + [len(m[4]) for m in members])[:-1]
+    arrays = {"version": np.int64(INDEX_VERSION), "sha256": np.array(sha), "bytes": np.int64(size),
+              "key": np.array([m[0] for m in members], dtype=str), "ext": np.array([m[1] for m in members], dtype=str),
+              "offset": np.array([m[2] for m in members], np.int64), "size": np.array([m[3] for m in members], np.int64),
+              "crc_first": first.astype(np.int64), "crc": np.array(crcs, np.uint32)}
+
+    from pipeline.npz import npz_bytes
+
+    blob = npz_bytes(**arrays)
+    atomic_write_with(path.with_name(path.name + INDEX_SUFFIX), lambda tmp: tmp.write_bytes(blob))
+
+
+class Member(NamedTuple):
+    offset: int  # of the data in the tar
+    size: int
+    crc_first: int  # position of the member's first block CRC in ShardIndex.crc
+
+
+class ShardIndex(NamedTuple):
+    """A shard's samples (keys in order) and, per sample, its members by extension."""
+
+    path: Path
+    keys: list[str]
+    members: list[dict[str, Member]]
+    crc: np.ndarray  # (blocks,) uint32
+
+    def read(self, files: "OpenFiles", i: int, ext: str, lo: int = 0, hi: int | None = None) -> bytes:
+        """Bytes [lo, hi) of member `ext` of sample i, every 64 KiB block they touch checked against its CRC."""
+        m = self.members[i][ext]
+        hi = m.size if hi is None else min(hi, m.size)
+        b0, b1 = lo // CRC_BLOCK, max(-(-hi // CRC_BLOCK), lo // CRC_BLOCK + 1)
+        start, stop = b0 * CRC_BLOCK, min(b1 * CRC_BLOCK, m.size)
+        data = files.pread(self.path, m.offset + start, stop - start)
+        view = memoryview(data)
+        for b in range(b0, b1):
+            part = view[(b - b0) * CRC_BLOCK : (b - b0 + 1) * CRC_BLOCK]
+            if zlib.crc32(part) != int(self.crc[m.crc_first + b]):
+                raise ArtifactError(f"{self.path}: sample {self.keys[i]} member {ext} fails its checksum (block {b}): "
+                                    f"the shard is corrupt on disk; {rebuild_hint(self.path)}")
+        return bytes(view[lo - start : hi - start])
+
+    def sample(self, files: "OpenFiles", i: int) -> dict:
+        """Every member of sample i, checked: {"__key__": key, ext: bytes}."""
+        return {"__key__": self.keys[i], **{ext: self.read(files, i, ext) for ext in self.members[i]}}
+
+
+def rebuild_hint(path: Path) -> str:
+    return (f"delete {path.name} and its {RECORD_NAME} and {INDEX_NAME} files, then re-run the stage that wrote "
+            f"{path.parent} with the same options: it rewrites only that shard (same bytes as before)")
+
+
+RECORD_NAME, INDEX_NAME = "<shard>.record.json", "<shard>" + INDEX_SUFFIX
+
+
+class OpenFiles:
+    """Shard files kept open (at most `limit`, least recently used closed first) for `os.pread` from any thread."""
+
+    def __init__(self, limit: int = 256):
+        self.limit, self._fds, self._lock = limit, {}, threading.Lock()
+
+    def pread(self, path: Path, offset: int, size: int) -> bytes:
+        with self._lock:
+            fd = self._fds.pop(path, None)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                while len(self._fds) >= self.limit:
+                    os.close(self._fds.pop(next(iter(self._fds))))
+            self._fds[path] = fd  # most recently used last
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ArtifactError(f"{path}: truncated (wanted {size} bytes at {offset}); {rebuild_hint(path)}")
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def load_index(path: Path, record: dict) -> ShardIndex:
+    """The index of a committed shard; a missing or stale one (another sha256, an older version, unreadable) is
+    rebuilt from the tar after checking the tar's sha256 against the record, with a warning."""
+    idx_path = path.with_name(path.name + INDEX_SUFFIX)
+    try:
+        with np.load(idx_path, allow_pickle=False) as z:
+            if int(z["version"]) == INDEX_VERSION and str(z["sha256"]) == record["sha256"]:
+                return _index_from_arrays(path, {k: z[k] for k in z.files})
+        reason = "stale (made for other bytes or by another version)"
+    except FileNotFoundError:
+        reason = "missing"
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        reason = f"unreadable ({type(e).__name__})"
+    logging.getLogger("flatdino.shards").warning("%s: index %s; rebuilding it from the shard", path, reason)
+    return _rebuild_index(path, record, idx_path)
+
+
+def _index_from_arrays(path: Path, a: dict) -> ShardIndex:
+    keys, members = [], []
+    for key, ext, off, size, first in zip(a["key"].tolist(), a["ext"].tolist(), a["offset"].tolist(),
+                                          a["size"].tolist(), a["crc_first"].tolist()):
+        if not keys or keys[-1] != key:
+            keys.append(key)
+            members.append({})
+        members[-1][ext] = Member(off, size, first)
+    return ShardIndex(path, keys, members, a["crc"])
+
+
+def _rebuild_index(path: Path, record: dict, idx_path: Path) -> ShardIndex:
+    sha = file_sha256(path)
+    if sha != record["sha256"]:
+        raise ArtifactError(f"{path}: sha256 {sha[:12]} does not match its record {record['sha256'][:12]}: the shard "
+                            f"is corrupt on disk; {rebuild_hint(path)}")
+    members = []
+    with open(path, "rb") as f:
+        for key, exts in index_tar_shard(path).items():
+            for ext, (off, size) in exts.items():
+                f.seek(off)
+                members.append((key, ext, off, size, block_crcs(f.read(size))))
+    try:
+        _write_index(path, sha, os.path.getsize(path), members)
+        with np.load(idx_path, allow_pickle=False) as z:
+            return _index_from_arrays(path, {k: z[k] for k in z.files})
+    except OSError:  # a read-only artifact: keep the rebuilt index in memory
+        first = np.cumsum([0] + [len(m[4]) for m in members])[:-1]
+        return _index_from_arrays(path, {"key": np.array([m[0] for m in members]), "ext": np.array([m[1] for m in members]),
+                                         "offset": np.array([m[2] for m in members]), "size": np.array([m[3] for m in members]),
+                                         "crc_first": first, "crc": np.array([c for m in members for c in m[4]], np.uint32)})
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -129,41 +299,46 @@ def _check_end(tar: tarfile.TarFile, path: str | Path) -> None:
         raise tarfile.ReadError(f"no end-of-archive marker after byte {tar.offset} (cut at a member boundary)")
 
 
-def read_tar_shard(path: str | Path) -> Iterator[dict]:
-    """Samples of a webdataset tar, members grouped by key (the part of the file name before the first dot)."""
+def index_tar_shard(path: str | Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """Map key -> {ext: (data offset, size)} by scanning the tar's headers (any webdataset tar, ours or a user's).
+
+    A key whose members are not adjacent, or a member that appears twice, is an error (webdataset would merge them,
+    the later member silently winning)."""
+    index: dict[str, dict[str, tuple[int, int]]] = {}
+    last = None
     try:
-        with tarfile.open(path, mode="r:*") as tar:
-            current: dict | None = None
+        with tarfile.open(path, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
                 key, ext = _split_member(member.name)
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key}
-                current[ext] = tar.extractfile(member).read()
-            _check_end(tar, path)
-            if current is not None:
-                yield current
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ArtifactError(f"{path}: unreadable tar shard ({e}); the file is truncated or corrupt — "
-                            f"delete it (and its .record.json) and re-run the stage that wrote it") from e
-
-
-def index_tar_shard(path: str | Path) -> dict[str, dict[str, tuple[int, int]]]:
-    """Map key -> {ext: (data offset, size)} for random access with `read_member`."""
-    index: dict[str, dict[str, tuple[int, int]]] = {}
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if member.isfile():
-                    key, ext = _split_member(member.name)
-                    index.setdefault(key, {})[ext] = (member.offset_data, member.size)
+                if key != last and key in index:
+                    raise ArtifactError(f"{path}: key {key!r} appears twice (its members are not adjacent); every "
+                                        f"sample must be stored once")
+                if ext in index.get(key, {}):
+                    raise ArtifactError(f"{path}: member {member.name!r} appears twice; every sample must be stored "
+                                        f"once")
+                index.setdefault(key, {})[ext] = (member.offset_data, member.size)
+                last = key
             _check_end(tar, path)
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise ArtifactError(f"{path}: unreadable tar shard ({e}); delete it and re-run the stage that wrote it") from e
+        raise ArtifactError(f"{path}: unreadable tar shard ({e}); the file is truncated or corrupt") from e
     return index
+
+
+def read_tar_shard(path: str | Path) -> Iterator[dict]:
+    """Samples of any webdataset tar, in order (headers scanned, duplicates refused); artifact readers use the
+    checked index instead."""
+    index = index_tar_shard(path)
+    with open(path, "rb") as f:
+        for key, exts in index.items():
+            sample = {"__key__": key}
+            for ext, (off, size) in exts.items():
+                f.seek(off)
+                sample[ext] = f.read(size)
+                if len(sample[ext]) != size:
+                    raise ArtifactError(f"{path}: truncated at member {key}.{ext}")
+            yield sample
 
 
 def read_member(path: str | Path, offset: int, size: int) -> bytes:
@@ -186,14 +361,18 @@ def load_rgb(data: bytes) -> Image.Image:
 
 
 class _ShardedArtifact:
-    """Common part of the readers: the manifest's shard records per split, in plan order."""
+    """Common part of the readers: the manifest's shard records per split, in plan order, read through each shard's
+    index (no header scan at start-up) with every byte checked against its block CRC, from files kept open."""
 
     stage = ""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.manifest = require_complete(self.root, self.stage)
-        self._index: dict[str, list] = {}
+        self.files = OpenFiles()
+        self._indices: dict[str, ShardIndex] = {}
+        self._tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
 
     def shards(self, split: str) -> list[dict]:
         recs = [s for s in self.manifest.shards if s["split"] == split]
@@ -208,6 +387,17 @@ class _ShardedArtifact:
     def num_samples(self, split: str = "train") -> int:
         return sum(s["count"] for s in self.shards(split))
 
+    def index(self, rec: dict) -> ShardIndex:
+        """The checked index of one committed shard (loaded once)."""
+        with self._lock:
+            if rec["name"] not in self._indices:
+                idx = load_index(self._checked(rec), rec)
+                if len(idx.keys) != rec["count"]:
+                    raise ArtifactError(f"{idx.path}: holds {len(idx.keys)} samples but its manifest records "
+                                        f"{rec['count']}; {self._rerun_hint(rec)}")
+                self._indices[rec["name"]] = idx
+            return self._indices[rec["name"]]
+
     def _iter_raw(self, split: str, start: int, stop: int | None) -> Iterator[tuple[int, dict]]:
         """(position, sample) for stored positions [start, stop) of a split, reading only the shards needed."""
         stop = self.num_samples(split) if stop is None else stop
@@ -218,14 +408,16 @@ class _ShardedArtifact:
                 continue
             if pos >= stop:
                 break
-            path, seen = self._checked(rec), 0
-            for sample in read_tar_shard(path):
-                if start <= pos < stop:
-                    yield pos, sample
-                pos, seen = pos + 1, seen + 1
-            if seen != rec["count"]:
-                raise ArtifactError(f"{path}: holds {seen} samples but its manifest records {rec['count']}; "
-                                    f"{self._rerun_hint(rec)}")
+            idx = self.index(rec)
+            for i in range(max(0, start - pos), min(rec["count"], stop - pos)):
+                yield pos + i, idx.sample(self.files, i)
+            pos += rec["count"]
+
+    def iter_shard(self, rec: dict) -> Iterator[dict]:
+        """Every sample of one committed shard, checked, in stored order."""
+        idx = self.index(rec)
+        for i in range(len(idx.keys)):
+            yield idx.sample(self.files, i)
 
     def _checked(self, rec: dict) -> Path:
         """The path of a shard whose size still matches its record (a truncated or replaced shard is refused)."""
@@ -242,15 +434,17 @@ class _ShardedArtifact:
         return (f"re-run `flatdino {self.stage}` with the same options and --out {self.root}: it rewrites only the "
                 f"damaged shard {rec['name']} (same bytes as before)")
 
-    def _locate(self, split: str, i: int) -> tuple[Path, dict]:
-        if split not in self._index:
-            table = []
-            for rec in self.shards(split):
-                idx = index_tar_shard(self._checked(rec))
-                table.extend((self.root / rec["name"], key, members) for key, members in idx.items())
-            self._index[split] = table
-        path, key, members = self._index[split][i]
-        return path, {"__key__": key, **{ext: m for ext, m in members.items()}}
+    def locate(self, split: str, i: int) -> tuple[ShardIndex, int]:
+        """(shard index, position in the shard) of stored position i of a split."""
+        if split not in self._tables:
+            recs = self.shards(split)
+            ends = np.cumsum([r["count"] for r in recs])
+            self._tables[split] = (ends, recs)
+        ends, recs = self._tables[split]
+        k = int(np.searchsorted(ends, i, side="right"))
+        if not 0 <= i < (ends[-1] if len(ends) else 0):
+            raise IndexError(f"position {i} outside the {split!r} split of {self.root}")
+        return self.index(recs[k]), i - (int(ends[k - 1]) if k else 0)
 
 
 class ImageShards(_ShardedArtifact):
@@ -268,9 +462,11 @@ class ImageShards(_ShardedArtifact):
             ext = next(e for e in s if e in IMAGE_EXTS)
             yield pos, s["__key__"], decode_int(s["cls"]), s[ext], ext
 
-    @staticmethod
-    def load_rgb(data: bytes) -> Image.Image:
-        return load_rgb(data)
+    def image(self, split: str, i: int) -> tuple[str, bytes]:
+        """(key, image bytes) of stored position i."""
+        idx, j = self.locate(split, i)
+        ext = next(e for e in idx.members[j] if e in IMAGE_EXTS)
+        return idx.keys[j], idx.read(self.files, j, ext)
 
 
 class FeatureShards(_ShardedArtifact):
@@ -299,11 +495,31 @@ class FeatureShards(_ShardedArtifact):
         for pos, s in self._iter_raw(split, start, stop):
             yield pos, s["__key__"], decode_int(s["cls"]), decode_npy(s["feat.npy"])
 
-    def get(self, i: int, split: str = "train") -> tuple[str, int, np.ndarray]:
-        """Random access to stored position `i`: (key, cls, feats (V, N, D) float16)."""
-        path, members = self._locate(split, i)
-        feats = decode_npy(read_member(path, *members["feat.npy"]))
-        return members["__key__"], decode_int(read_member(path, *members["cls"])), feats
+    def get(self, i: int, split: str = "train", view: int | None = None) -> tuple[str, int, np.ndarray]:
+        """Random access to stored position `i`: (key, cls, feats (V, N, D) float16), or only view `view` (N, D),
+        reading (and checking) just the bytes of that view."""
+        idx, j = self.locate(split, i)
+        cls = decode_int(idx.read(self.files, j, "cls"))
+        if view is None:
+            return idx.keys[j], cls, decode_npy(idx.read(self.files, j, "feat.npy"))
+        n, d = self.num_patches, self.dim
+        head = npy_header_size(idx, self.files, j)
+        lo = head + view * n * d * 2
+        raw = idx.read(self.files, j, "feat.npy", lo, lo + n * d * 2)
+        return idx.keys[j], cls, np.frombuffer(raw, dtype="<f2").reshape(n, d)
+
+
+@functools.lru_cache(maxsize=None)
+def _header_size_of(prefix: bytes) -> int:
+    f = io.BytesIO(prefix)
+    version = np.lib.format.read_magic(f)
+    (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+    return f.tell()
+
+
+def npy_header_size(idx: ShardIndex, files: OpenFiles, j: int) -> int:
+    """Bytes before the data of sample j's feat.npy (the header; the same for every sample of an artifact)."""
+    return _header_size_of(idx.read(files, j, "feat.npy", 0, 128)[:128])
 
 
 class PairData:
@@ -319,13 +535,13 @@ class PairData:
         self._cache_limit = cache_bytes // per_sample
 
     @staticmethod
-    def _index_images(images: ImageShards, split: str) -> dict[str, tuple[Path, int, int]]:
+    def _index_images(images: ImageShards, split: str) -> dict[str, tuple[ShardIndex, int, str]]:
+        """key -> (shard index, position, image extension), from the images' shard indices."""
         index = {}
         for rec in images.shards(split):
-            path = images.root / rec["name"]
-            for key, members in index_tar_shard(path).items():
-                ext = next(e for e in members if e in IMAGE_EXTS)
-                index[key] = (path, *members[ext])
+            idx = images.index(rec)
+            for j, (key, members) in enumerate(zip(idx.keys, idx.members)):
+                index[key] = (idx, j, next(e for e in members if e in IMAGE_EXTS))
         return index
 
     def __len__(self) -> int:
@@ -340,7 +556,8 @@ class PairData:
                                 f"artifacts do not belong together")
         from models.encoder import adm_center_crop, pil_to_uint8
 
-        crop = pil_to_uint8(adm_center_crop(load_rgb(read_member(*self._image_index[key]))))
+        idx, j, ext = self._image_index[key]
+        crop = pil_to_uint8(adm_center_crop(load_rgb(idx.read(self.images.files, j, ext))))
         if len(self._cache) < self._cache_limit:
             self._cache[i] = (feats, crop)
         return feats, crop

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.checkpoint import Checkpoints, optimizer_state, optimizer_tensors
-from pipeline.config import opt
+from pipeline.config import Checked, opt
 from pipeline.manifest import UserError, atomic_write_bytes
 from pipeline.runtime import Runtime, get_logger, progress
 
@@ -46,20 +46,20 @@ log = get_logger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainOptions:
+class TrainOptions(Checked):
     """Options every trainer has; none of them changes the trained weights (runtime knobs, not identity)."""
 
     ckpt_every: int = field(default=1000, metadata=opt(
-        "write a checkpoint every N updates (also at the end and on SIGTERM/SIGINT)", runtime=True))
-    keep: int = field(default=2, metadata=opt("checkpoints kept", runtime=True))
-    log_every: int = field(default=20, metadata=opt("log scalars every N updates", runtime=True))
+        "write a checkpoint every N updates (also at the end and on SIGTERM/SIGINT)", runtime=True, min=1))
+    keep: int = field(default=2, metadata=opt("checkpoints kept", runtime=True, min=1))
+    log_every: int = field(default=20, metadata=opt("log scalars every N updates", runtime=True, min=1))
     log_with: Literal["tensorboard", "wandb"] = field(default="tensorboard", metadata=opt(
         "experiment tracker (accelerate): tensorboard (<out>/tb) or wandb (needs the wandb package)", runtime=True))
     compile: bool = field(default=False, metadata=opt(
         "torch.compile the model's forward (worth it on GPUs; 20-40 s of compilation, no gain on CPU)", runtime=True))
     max_steps_this_run: int | None = field(default=None, metadata=opt(
         "stop (resumably, with a checkpoint) after this many updates in this invocation, e.g. for a job time limit",
-        runtime=True))
+        runtime=True, min=1))
     device: str = field(default="auto", metadata=opt("auto, cpu, cuda ... (accelerate's device under a launcher)",
                                                      runtime=True))
 

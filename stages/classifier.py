@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from models.encoder import adm_center_crop
-from pipeline.config import command_from_config, config_to_dict, opt
+from pipeline.config import Checked, command_from_config, config_to_dict, opt
 from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, file_sha256,
                                require_complete)
 from pipeline.runtime import environment, get_logger
@@ -33,16 +33,16 @@ LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, as PIL's "L" conversion
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Checked):
     # paths are runtime knobs (artifacts may move); the images are pinned by fingerprint in the output's config
     images: Path = field(metadata=opt("images artifact with 'train' and 'val' splits (flatdino images --out)",
                                       runtime=True))
     out: Path = field(metadata=opt("output directory, e.g. shards/classifier/demo", runtime=True))
-    grid: int = field(default=8, metadata=opt("side of the area-averaged grayscale grid (8 = the digits' own)"))
-    c: float = field(default=1.0, metadata=opt("inverse L2 regularisation strength of the logistic regression"))
-    max_iter: int = field(default=2000, metadata=opt("L-BFGS iterations"))
+    grid: int = field(default=8, metadata=opt("side of the area-averaged grayscale grid (8 = the digits' own)", min=1))
+    c: float = field(default=1.0, metadata=opt("inverse L2 regularisation strength of the logistic regression", min=0, min_open=True))
+    max_iter: int = field(default=2000, metadata=opt("L-BFGS iterations", min=1))
     min_val_accuracy: float = field(default=0.9, metadata=opt(
-        "refuse to write a classifier whose held-out accuracy is below this (it would make class-consistency noise)"))
+        "refuse to write a classifier whose held-out accuracy is below this (it would make class-consistency noise)", min=0, max=1))
     overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
                                                         runtime=True))
 
@@ -115,7 +115,7 @@ def run(cfg: Config) -> Manifest:
     t0 = time.time()
     images = ImageShards(cfg.images)
     config = {**config_to_dict(cfg, semantic_only=True), "images_fingerprint": images.manifest.fingerprint}
-    with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite) as od:
+    with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite, owns=(WEIGHTS,), inputs=[cfg.images]) as od:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest

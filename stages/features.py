@@ -19,45 +19,51 @@ from typing import Iterable, Iterator, Literal
 import numpy as np
 import torch
 
-from models.encoder import FeatureEncoder, adm_center_crop, init_rae_dir, load_rae, pil_to_uint8, state_fingerprint
-from pipeline.config import command_from_config, config_to_dict, opt
-from pipeline.manifest import ArtifactError, Manifest, OutputDir, TooManyFailures
-from pipeline.runtime import (Dist, autocast, barrier, current_dist, environment, get_logger, progress,
-                              stage_device)
-from pipeline.shards import (IMAGE_EXTS, ImageShards, encode_int, encode_npy, for_rank, load_rgb, read_tar_shard,
-                             write_tar_shard)
+from models.encoder import FeatureEncoder, adm_center_crop, encoder_fingerprint, init_rae_dir, load_rae, pil_to_uint8
+from pipeline.config import Checked, command_from_config, config_to_dict, opt
+from pipeline.manifest import ArtifactError, Manifest, OutputDir, TooManyFailures, local_dirs
+from pipeline.runtime import Runtime, autocast, environment, get_logger, launch, progress
+from pipeline.shards import IMAGE_EXTS, ImageShards, encode_int, encode_npy, load_rgb, write_tar_shard
 
 log = get_logger(__name__)
 
 
+OWNS = ("features-*.tar",)  # what this stage writes (--overwrite deletes only these)
+
+
 @dataclass(frozen=True)
-class Config:
+class Config(Checked):
     images: Path = field(metadata=opt("input images artifact (flatdino images --out)", runtime=True))
     encoder: str = field(metadata=opt(
         "RAE directory (config.json + safetensors; `flatdino init-encoder` makes a random one) or a hub id such as "
         "nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08 (needs network)", runtime=True))
     out: Path = field(metadata=opt("output artifact directory, e.g. shards/features/demo", runtime=True))
-    views: int = field(default=2, metadata=opt("1 = centre crop only; 2 = centre crop + its horizontal flip"))
+    views: int = field(default=2, metadata=opt("1 = centre crop only; 2 = centre crop + its horizontal flip", min=1,
+                                                max=2))
     resize: Literal["flatdino", "rae"] = field(default="flatdino", metadata=opt(
         "256 -> 224 resize: flatdino = bicubic with antialias (the official FlatDINO code; to reproduce the paper's "
         "VAE); rae = plain bicubic (RAE's and diffusers' encode, what the released pixel decoder was trained on)"))
-    batch_size: int = field(default=64, metadata=opt("images per encoder forward"))
+    batch_size: int = field(default=64, metadata=opt("images per encoder forward", min=1))
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=opt(
         "encoder compute precision; the official code runs DINOv2 in fp32"))
     max_failed_fraction: float = field(default=0.001, metadata=opt(
-        "fail if more than this share of images cannot be decoded (they are skipped and listed in the manifest)"))
-    num_workers: int = field(default=4, metadata=opt("decoding threads per process", runtime=True))
+        "fail if more than this share of images cannot be decoded (they are skipped and listed in the manifest); a "
+        "tolerance, not identity: raise it on a re-run to accept the committed shards", runtime=True, min=0.0,
+        max=1.0))
+    num_workers: int = field(default=4, metadata=opt("decoding threads per process", runtime=True, min=1))
     device: str = field(default="auto", metadata=opt("auto, cpu, cuda, cuda:1 ...", runtime=True))
-    overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
-                                                        runtime=True))
+    overwrite: bool = field(default=False, metadata=opt(
+        "delete this stage's own files in --out (a folder holding anything else is refused) and start again",
+        runtime=True))
 
 
-def _records(path: Path) -> Iterator[tuple]:
-    """(key, cls, image bytes or None) for each sample of an image shard; a sample without a class is structural."""
-    for s in read_tar_shard(path):
+def _records(images: ImageShards, rec: dict) -> Iterator[tuple]:
+    """(key, cls, image bytes or None) for each sample of an image shard (checked against its index); a sample
+    without a class is structural."""
+    for s in images.iter_shard(rec):
         if "cls" not in s:
-            raise ArtifactError(f"{path}: sample {s['__key__']} has no cls member; re-run `flatdino images` "
-                                f"to rewrite this shard")
+            raise ArtifactError(f"{images.root / rec['name']}: sample {s['__key__']} has no cls member; re-run "
+                                f"`flatdino images` to rewrite this shard")
         ext = next((e for e in IMAGE_EXTS if e in s), None)
         yield s["__key__"], int(s["cls"]), None if ext is None else s[ext]
 
@@ -108,10 +114,11 @@ def encode_views(encoder: FeatureEncoder, x: torch.Tensor, views: int, precision
     return torch.stack(feats, dim=1).to(torch.float16).cpu()
 
 
-def _shard_samples(encoder, cfg: Config, records: Iterator, pool, failures: list[dict], bar) -> Iterator[dict]:
+def _shard_samples(encoder, cfg: Config, precision: str, records: Iterator, pool, failures: list[dict],
+                   bar) -> Iterator[dict]:
     decoded = _prefetch(pool, records, _decode, depth=4 * cfg.batch_size)
     for keys, classes, x in _batches(decoded, cfg.batch_size, failures):
-        feats = encode_views(encoder, x, cfg.views, cfg.precision).numpy()
+        feats = encode_views(encoder, x, cfg.views, precision).numpy()
         for key, cls, f in zip(keys, classes, feats):
             if not np.isfinite(f).all():  # fp16 overflow or a broken encoder: never store it silently
                 failures.append({"key": key, "reason": "non-finite features (float16 overflow?)"})
@@ -120,38 +127,36 @@ def _shard_samples(encoder, cfg: Config, records: Iterator, pool, failures: list
         bar.update(len(keys))
 
 
-def run(cfg: Config, dist: Dist | None = None) -> Manifest:
+def run(cfg: Config, rt: Runtime | None = None) -> Manifest:
     """Encode every image shard (this rank's share of the plan); the main process writes the manifest."""
-    dist, t0 = dist or current_dist(), time.time()
+    rt, t0 = (rt or launch()).on(cfg.device, cfg.precision), time.time()
     images = ImageShards(cfg.images)
     rae = load_rae(cfg.encoder)
-    if cfg.views not in (1, 2):
-        raise ArtifactError(f"--views must be 1 or 2, got {cfg.views}")
     # paths are runtime knobs (artifacts may move); what they point at is pinned by fingerprint
     config = {**config_to_dict(cfg, semantic_only=True), "images_fingerprint": images.manifest.fingerprint,
-              "encoder_fingerprint": state_fingerprint(rae, "encoder.")}
-    with OutputDir(cfg.out, "features", config, overwrite=cfg.overwrite and dist.is_main, lock=dist.is_main) as od:
+              "encoder_fingerprint": encoder_fingerprint(rae)}
+    with OutputDir(cfg.out, "features", config, overwrite=cfg.overwrite, rt=rt, owns=OWNS,
+                   inputs=[cfg.images, *local_dirs(cfg.encoder)]) as od:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest
-        device = stage_device(cfg.device, dist)
-        encoder = FeatureEncoder(rae, cfg.resize).to(device).eval()
+        encoder = FeatureEncoder(rae, cfg.resize).to(rt.device).eval()
         plan = [s for s in images.manifest.shards]
         committed = od.committed()
-        todo = [s for s in for_rank(plan, dist) if _out_name(s) not in committed]
+        todo = [s for s in rt.share(plan) if _out_name(s) not in committed]
         this_run = sum(s["count"] for s in todo)
-        bar = progress(this_run, "features", "img", dist)
+        bar = progress(this_run, "features", "img", rt)
         t_loop = time.time()  # after the one-time load: the loop's rate is what decoding must hide behind
         with ThreadPoolExecutor(cfg.num_workers) as pool:
             for shard in todo:
                 failures: list[dict] = []
                 rec = write_tar_shard(od.path / _out_name(shard), _shard_samples(
-                    encoder, cfg, _records(images.root / shard["name"]), pool, failures, bar))
+                    encoder, cfg, rt.precision, _records(images, shard), pool, failures, bar))
                 od.commit({**rec, "split": shard["split"], "source": shard["name"], "failed": failures})
         bar.close()
         t_end = time.time()
-        barrier(dist)
-        if not dist.is_main:
+        rt.barrier()
+        if not rt.is_main:
             return None
         timings = {"seconds": round(t_end - t0, 3), "load_seconds": round(t_loop - t0, 3),
                    "images_this_run": this_run,
@@ -172,7 +177,9 @@ def _finish(od: OutputDir, cfg: Config, images: ImageShards, encoder: FeatureEnc
     total = sum(s["count"] for s in plan)
     if total and len(failures) / total > cfg.max_failed_fraction:
         raise TooManyFailures(f"{len(failures)} of {total} images failed to decode (more than --max-failed-fraction "
-                              f"{cfg.max_failed_fraction}); first: {failures[:3]}")
+                              f"{cfg.max_failed_fraction}); first: {failures[:3]}. To accept them, re-run with a higher "
+                              f"--max-failed-fraction (a tolerance: the committed shards are kept); to replace them, "
+                              f"fix the images artifact first (flatdino images)")
     written = sum(s["count"] for s in shards)
     manifest = Manifest(
         stage="features", shards=shards, failures=failures, versions=environment(), complete=True,
@@ -193,13 +200,13 @@ cli = command_from_config(Config, run, "features", __doc__.split("\n\n")[0] + "\
 
 
 @dataclass(frozen=True)
-class InitConfig:
+class InitConfig(Checked):
     out: Path = field(metadata=opt("directory to write (config.json + diffusion_pytorch_model.safetensors)"))
     preset: Literal["tiny", "demo", "dinov2-b-xl"] = field(default="tiny", metadata=opt(
         "tiny: (256, 192) features and a 2-layer pixel decoder, for tests; demo: the same at 112 px, (64, 192) "
         "features, for the CPU demo; dinov2-b-xl: the paper's "
         "architecture (DINOv2-B/14-reg + RAE ViT-XL decoder) with random weights"))
-    seed: int = field(default=0, metadata=opt("seed of the random weights"))
+    seed: int = field(default=0, metadata=opt("seed of the random weights", min=0))
 
 
 def init_encoder(cfg: InitConfig) -> Path:

@@ -35,11 +35,11 @@ import torch
 
 from models.encoder import FeatureEncoder, adm_center_crop, load_rae
 from pipeline import metrics
-from pipeline.config import command_from_config, config_to_dict, opt
-from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, atomic_write_json,
+from pipeline.config import Checked, command_from_config, config_to_dict, opt
+from pipeline.manifest import (local_dirs, ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, atomic_write_json,
                                file_sha256, read_manifest, require_complete)
-from pipeline.runtime import Dist, barrier, current_dist, environment, get_logger, progress, stage_device
-from pipeline.shards import ImageShards, ShardSpec, for_rank, plan_shards
+from pipeline.runtime import Runtime, environment, get_logger, launch, progress
+from pipeline.shards import ImageShards, ShardSpec, load_rgb, plan_shards
 from stages.classifier import DigitClassifier, load_classifier
 
 log = get_logger(__name__)
@@ -58,22 +58,22 @@ DINO_SPACES = {"dino_cls": "fd_dinov2", "dino_patch_mean": "fd_dinov2_patch_mean
 
 
 @dataclass(frozen=True)
-class RefConfig:
-    images: Path = field(metadata=opt("images artifact (flatdino images --out)"))
-    out: Path = field(metadata=opt("output directory, e.g. shards/fid-ref/demo"))
+class RefConfig(Checked):
+    images: Path = field(metadata=opt("images artifact (flatdino images --out)", runtime=True))
+    out: Path = field(metadata=opt("output directory, e.g. shards/fid-ref/demo", runtime=True))
     split: Literal["train", "val"] = field(default="train", metadata=opt(
         "train for gFID (ADM uses training-set statistics), val for rFID against `flatdino reconstruct`"))
-    encoder: str | None = field(default=None, metadata=opt("RAE directory for FD-DINOv2 (omit: no DINOv2 stats)"))
+    encoder: str | None = field(default=None, metadata=opt("RAE directory for FD-DINOv2 (omit: no DINOv2 stats)", runtime=True))
     inception_weights: Path | None = field(default=None, metadata=opt(
-        "torch-fidelity inception-v3-compat weights (.pth); default: the torch.hub cache (see --download)"))
+        "torch-fidelity inception-v3-compat weights (.pth); default: the torch.hub cache (see --download)", runtime=True))
     pr_subset: int = field(default=10000, metadata=opt(
-        "reference images whose pool_3 features are kept for precision/recall (seeded subset; ADM's batch is 10k)"))
-    seed: int = field(default=0, metadata=opt("seed of the precision/recall subset"))
+        "reference images whose pool_3 features are kept for precision/recall (seeded subset; ADM's batch is 10k)", min=1))
+    seed: int = field(default=0, metadata=opt("seed of the precision/recall subset", min=0))
     block_size: int = field(default=10000, metadata=opt(
         "images per work block (the unit of resume and of ranks); each block keeps float64 (D, D) scatter matrices "
-        "(~75 MB with Inception pool_3 and sFID), so ImageNet-train takes ~9.6 GB of blocks at 10,000"))
-    batch_size: int = field(default=64, metadata=opt("images per network forward", runtime=True))
-    num_workers: int = field(default=4, metadata=opt("image decoding threads per process", runtime=True))
+        "(~75 MB with Inception pool_3 and sFID), so ImageNet-train takes ~9.6 GB of blocks at 10,000", min=1))
+    batch_size: int = field(default=64, metadata=opt("images per network forward", runtime=True, min=1))
+    num_workers: int = field(default=4, metadata=opt("image decoding threads per process", runtime=True, min=1))
     download: bool = field(default=False, metadata=opt(
         "download the Inception weights into the torch.hub cache when absent (off: nothing touches the network)",
         runtime=True))
@@ -86,20 +86,20 @@ class RefConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Checked):
     samples: Path = field(metadata=opt(
         "an ADM-format .npz (arr_0 uint8 NHWC, arr_1 labels) or a `flatdino sample` directory; for rFID, "
-        "`flatdino reconstruct`'s flatdino.npz (or rae.npz)"))
+        "`flatdino reconstruct`'s flatdino.npz (or rae.npz)", runtime=True))
     reference: Path = field(metadata=opt(
         "ADM reference batch .npz (VIRTUAL_imagenet256_labeled.npz), any ADM-format image npz (rFID: reconstruct's "
-        "originals.npz), or a fid-ref directory"))
-    out: Path = field(metadata=opt("output directory for metrics.json, e.g. shards/fid/demo"))
-    encoder: str | None = field(default=None, metadata=opt("RAE directory for FD-DINOv2 (must match the reference's)"))
-    classifier: Path | None = field(default=None, metadata=opt("train-classifier artifact: adds class_consistency"))
+        "originals.npz), or a fid-ref directory", runtime=True))
+    out: Path = field(metadata=opt("output directory for metrics.json, e.g. shards/fid/demo", runtime=True))
+    encoder: str | None = field(default=None, metadata=opt("RAE directory for FD-DINOv2 (must match the reference's)", runtime=True))
+    classifier: Path | None = field(default=None, metadata=opt("train-classifier artifact: adds class_consistency", runtime=True))
     inception_weights: Path | None = field(default=None, metadata=opt(
-        "torch-fidelity inception-v3-compat weights (.pth); default: the torch.hub cache (see --download)"))
-    block_size: int = field(default=5000, metadata=opt("samples per work block (the unit of resume and of ranks)"))
-    batch_size: int = field(default=64, metadata=opt("images per network forward", runtime=True))
+        "torch-fidelity inception-v3-compat weights (.pth); default: the torch.hub cache (see --download)", runtime=True))
+    block_size: int = field(default=5000, metadata=opt("samples per work block (the unit of resume and of ranks)", min=1))
+    batch_size: int = field(default=64, metadata=opt("images per network forward", runtime=True, min=1))
     download: bool = field(default=False, metadata=opt(
         "download the Inception weights into the torch.hub cache when absent (off: nothing touches the network)",
         runtime=True))
@@ -242,7 +242,7 @@ def open_samples(path: Path) -> Samples:
 def _crop(item: tuple) -> np.ndarray:
     _, key, _, data, _ = item
     try:
-        return np.asarray(adm_center_crop(ImageShards.load_rgb(data)), dtype=np.uint8)
+        return np.asarray(adm_center_crop(load_rgb(data)), dtype=np.uint8)
     except ValueError as e:
         raise ArtifactError(f"image {key} cannot be decoded ({e})") from e
 
@@ -284,14 +284,14 @@ def write_block(od: OutputDir, spec: ShardSpec, images: np.ndarray, labels: np.n
     return record
 
 
-def run_blocks(od: OutputDir, plan: list[ShardSpec], dist: Dist, load: Callable, keep: np.ndarray,
+def run_blocks(od: OutputDir, plan: list[ShardSpec], rt: Runtime, load: Callable, keep: np.ndarray,
                ex: Extractors, batch_size: int) -> None:
     """Compute this rank's uncommitted blocks of `plan`; `load(spec)` returns (images, labels or None)."""
     done = od.committed()
-    todo = [s for s in for_rank(plan, dist) if _block_name(s) not in done]
+    todo = [s for s in rt.share(plan) if _block_name(s) not in done]
     if not todo:
         return
-    bar = progress(sum(len(s) for s in todo), f"features {todo[0].prefix}", "img", dist)
+    bar = progress(sum(len(s) for s in todo), f"features {todo[0].prefix}", "img", rt)
     for spec in todo:
         images, labels = load(spec)
         write_block(od, spec, images, labels, keep[spec.start : spec.stop], ex, batch_size)
@@ -355,28 +355,29 @@ def _write_reference(od: OutputDir, g: Gathered) -> dict[str, int]:
     return {int(k): int(v) for k, v in zip(*np.unique(g.arrays["label_all"], return_counts=True))}
 
 
-def run_ref(cfg: RefConfig, dist: Dist | None = None) -> Manifest | None:
+def run_ref(cfg: RefConfig, rt: Runtime | None = None) -> Manifest | None:
     """Reference statistics of one split of an images artifact; the main process writes reference.npz."""
-    dist, t0 = dist or current_dist(), time.time()
+    rt, t0 = (rt or launch()).on(cfg.device, "fp32"), time.time()
     shards = ImageShards(cfg.images)
     n = shards.num_samples(cfg.split)
     if n < 2:
         raise ArtifactError(f"{cfg.images}: the {cfg.split!r} split has {n} images; statistics need at least 2")
-    device = stage_device(cfg.device, dist)
+    device = rt.device
     ex = load_extractors(cfg.inception_weights, cfg.download, cfg.encoder, None, device, cfg.require_inception)
     config = {**config_to_dict(cfg, semantic_only=True), "images": shards.manifest.fingerprint,
               "inception": _available(ex.inception_info, "sha256"),
               "encoder": _available(ex.encoder_info, "fingerprint")}
-    with OutputDir(cfg.out, "fid_ref", config, overwrite=cfg.overwrite and dist.is_main, lock=dist.is_main) as od:
+    with OutputDir(cfg.out, "fid_ref", config, overwrite=cfg.overwrite, rt=rt, owns=("ref-*.npz", REFERENCE),
+                   inputs=[cfg.images, *local_dirs(cfg.encoder)]) as od:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest
         plan = plan_shards(n, cfg.block_size, "ref")
         with ThreadPoolExecutor(cfg.num_workers) as pool:
-            run_blocks(od, plan, dist, lambda s: shard_block(shards, cfg.split, s, pool),
+            run_blocks(od, plan, rt, lambda s: shard_block(shards, cfg.split, s, pool),
                        pr_mask(n, cfg.pr_subset, cfg.seed), ex, cfg.batch_size)
-        barrier(dist)
-        g = gather(od, plan) if dist.is_main else None
+        rt.barrier()
+        g = gather(od, plan) if rt.is_main else None
         if g is None:
             return None
         class_counts = _write_reference(od, g)
@@ -549,11 +550,11 @@ def _classes(ex: Extractors, ref: Reference, labels: np.ndarray | None) -> list[
     return [str(c) for c in range(int(labels.max()) + 1)] if labels is not None and len(labels) else []
 
 
-def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
+def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
     """Features of the samples (and of ADM reference images), then every metric; main writes metrics.json."""
-    dist, t0 = dist or current_dist(), time.time()
+    rt, t0 = (rt or launch()).on(cfg.device, "fp32"), time.time()
     samples, ref = open_samples(cfg.samples), open_reference(cfg.reference)
-    device = stage_device(cfg.device, dist)
+    device = rt.device
     ex = load_extractors(cfg.inception_weights, cfg.download, cfg.encoder, cfg.classifier, device,
                          cfg.require_inception)
     check_compatible(ref, ex)
@@ -561,22 +562,23 @@ def run(cfg: Config, dist: Dist | None = None) -> Manifest | None:
               "inception": _available(ex.inception_info, "sha256"),
               "encoder": _available(ex.encoder_info, "fingerprint"),
               "classifier": _available(ex.classifier_info, "fingerprint")}
-    with OutputDir(cfg.out, "fid", config, overwrite=cfg.overwrite and dist.is_main, lock=dist.is_main) as od:
+    with OutputDir(cfg.out, "fid", config, overwrite=cfg.overwrite, rt=rt, owns=("samples-*.npz", "reference-*.npz", METRICS),
+                   inputs=[cfg.samples, cfg.reference, cfg.classifier, *local_dirs(cfg.encoder)]) as od:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest
         n = len(samples.images)
         plan = plan_shards(n, cfg.block_size, "samples")
         labels = samples.labels
-        run_blocks(od, plan, dist, lambda s: (samples.images[s.start : s.stop],
+        run_blocks(od, plan, rt, lambda s: (samples.images[s.start : s.stop],
                                               None if labels is None else labels[s.start : s.stop]),
                    np.ones(n, dtype=bool), ex, cfg.batch_size)
         ref_n = 0 if ref.images is None else len(ref.images)
         ref_plan = plan_shards(ref_n, cfg.block_size, "reference")
-        run_blocks(od, ref_plan, dist, lambda s: (ref.images[s.start : s.stop], None), np.ones(ref_n, dtype=bool),
+        run_blocks(od, ref_plan, rt, lambda s: (ref.images[s.start : s.stop], None), np.ones(ref_n, dtype=bool),
                    ex, cfg.batch_size)
-        barrier(dist)
-        sg = gather(od, plan) if dist.is_main else None
+        rt.barrier()
+        sg = gather(od, plan) if rt.is_main else None
         rg = gather(od, ref_plan) if sg is not None and ref_plan else None
         if sg is None or (ref_plan and rg is None):
             return None

@@ -29,20 +29,20 @@ from models.dit import PRESETS as DIT_PRESETS
 from models.dit import DiT
 from models.dit_dh import PRESETS as DH_PRESETS
 from models.dit_dh import DiTDH
-from pipeline.config import command_from_config, opt
+from pipeline.config import Checked, command_from_config, opt
 from pipeline.manifest import UserError
 
 META = torch.device("meta")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Checked):
     presets: str = field(default="S,B,L,XL", metadata=opt("comma-separated DiT presets to count"))
     dh_presets: str = field(default="ditxl-dh", metadata=opt("comma-separated DiT^DH presets to count ('' for none)"))
-    flat_tokens: int = field(default=32, metadata=opt("FlatDINO latent tokens T"))
-    flat_channels: int = field(default=128, metadata=opt("FlatDINO latent channels F"))
-    grid_tokens: int = field(default=256, metadata=opt("DINOv2 patch tokens (16 x 16 at 224 px)"))
-    grid_channels: int = field(default=768, metadata=opt("DINOv2-B feature width"))
+    flat_tokens: int = field(default=32, metadata=opt("FlatDINO latent tokens T", min=1))
+    flat_channels: int = field(default=128, metadata=opt("FlatDINO latent channels F", min=1))
+    grid_tokens: int = field(default=256, metadata=opt("DINOv2 patch tokens (16 x 16 at 224 px)", min=1))
+    grid_channels: int = field(default=768, metadata=opt("DINOv2-B feature width", min=1))
     flatdino: str = field(default="32-bl-128", metadata=opt("FlatDINO preset whose encoder runs at training time"))
     json: bool = field(default=False, metadata=opt("print the report as JSON instead of a table"))
 

@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline.config import command_from_config, config_to_dict, opt
+from pipeline.config import Checked, command_from_config, config_to_dict, opt
 from pipeline.latents_store import STORE, create_latents, finalize_stats, write_rows
 from pipeline.manifest import ArtifactError, Manifest, OutputDir, atomic_write_json
 from pipeline.artifacts import load_flatdino
@@ -37,16 +37,16 @@ RECORD = ".record.json"
 
 
 @dataclass(frozen=True)
-class Config:
-    features: Path = field(metadata=opt("features artifact (flatdino features --out)"))
-    vae: Path = field(metadata=opt("FlatDINO run directory (flatdino train-vae --out)"))
-    out: Path = field(metadata=opt("output directory; latents go to <out>/latents.zarr"))
+class Config(Checked):
+    features: Path = field(metadata=opt("features artifact (flatdino features --out)", runtime=True))
+    vae: Path = field(metadata=opt("FlatDINO run directory (flatdino train-vae --out)", runtime=True))
+    out: Path = field(metadata=opt("output directory; latents go to <out>/latents.zarr", runtime=True))
     weights: Literal["best", "last"] = field(default="best", metadata=opt(
         "which checkpoint: best validation loss (what the official downstream scripts restore) or last"))
     split: str = field(default="train", metadata=opt("split of the features artifact to encode"))
-    shard_samples: int = field(default=512, metadata=opt("samples per shard = one zarr chunk of samples x views rows"))
-    batch_size: int = field(default=64, metadata=opt("samples per encoder forward"))
-    std_eps: float = field(default=1e-6, metadata=opt("floor on the stored std (normalising divides by it)"))
+    shard_samples: int = field(default=512, metadata=opt("samples per shard = one zarr chunk of samples x views rows", min=1))
+    batch_size: int = field(default=64, metadata=opt("samples per encoder forward", min=1))
+    std_eps: float = field(default=1e-6, metadata=opt("floor on the stored std (normalising divides by it)", min=0, min_open=True))
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=opt("encoder compute precision"))
     device: str = field(default="auto", metadata=opt("auto, cpu, cuda ... (ignored under accelerate)", runtime=True))
     overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
@@ -84,8 +84,17 @@ def encode_shard(model, feats: FeatureShards, cfg: Config, shard: ShardSpec, dev
         labels += [c for _, _, c, _ in batch]
         keys += [k for _, k, _, _ in batch]
     v = feats.views
+    mu = np.concatenate(mus)
+    bad = np.flatnonzero(~np.isfinite(mu).reshape(len(mu), -1).all(axis=1))
+    if len(bad):  # non-finite values never enter the artifact
+        key = keys[bad[0] // v]
+        idx, _ = feats.locate(cfg.split, shard.start + bad[0] // v)
+        raise ArtifactError(f"the VAE gives non-finite latents for sample {key} (view {bad[0] % v}) of features shard "
+                            f"{idx.path.name}, {len(bad)} row(s) in this latents shard; its features passed their "
+                            f"checksums, so the VAE itself is broken (a diverged checkpoint?): check {cfg.vae} or "
+                            f"use --weights best/last; nothing of this shard was written")
     samples = np.arange(shard.start, shard.stop)
-    return {"mu": np.concatenate(mus), "label": np.repeat(labels, v), "sample": np.repeat(samples, v),
+    return {"mu": mu, "label": np.repeat(labels, v), "sample": np.repeat(samples, v),
             "view": np.tile(np.arange(v), len(samples)), "key": np.repeat(np.asarray(keys, dtype=str), v)}
 
 
@@ -118,7 +127,8 @@ def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
     plan = plan_shards(n, cfg.shard_samples, "latents")
     config = {**config_to_dict(cfg, semantic_only=True), "features_fingerprint": feats.manifest.fingerprint,
               "vae_fingerprint": vae_m.fingerprint}
-    with OutputDir(cfg.out, "latents", config, overwrite=cfg.overwrite and rt.is_main, lock=rt.is_main) as od:
+    with OutputDir(cfg.out, "latents", config, overwrite=cfg.overwrite, rt=rt, owns=(STORE, STORE + ".tmp"),
+                   inputs=[cfg.features, cfg.vae]) as od:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from models.encoder import FeatureEncoder, PixelDecoder, load_rae
-from pipeline.config import command_from_config, config_to_dict, opt
+from pipeline.config import Checked, command_from_config, config_to_dict, opt
 from pipeline.grids import save_grid
-from pipeline.manifest import ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, file_sha256
+from pipeline.manifest import content_identity, local_dirs, ArtifactError, Manifest, OutputDir, UserError, atomic_write_bytes, file_sha256
 from pipeline.runtime import Runtime, autocast, environment, get_logger, launch, progress
 from pipeline.shards import FeatureShards, ImageShards, plan_shards
 from pipeline.npz import npz_bytes, rows_from_chunks, write_npz_streaming
@@ -35,22 +35,23 @@ log = get_logger(__name__)
 STAGE = "reconstruct"
 OUTPUTS = ("originals", "rae", "flatdino")
 GRID = "grid.png"
+OWNS = ("chunk-*.npz", *(f"{k}.npz" for k in OUTPUTS), GRID)  # what this stage writes (--overwrite deletes only these)
 
 
 @dataclass(frozen=True)
-class Config:
-    images: Path = field(metadata=opt("images artifact (flatdino images --out)"))
-    features: Path = field(metadata=opt("features artifact of those images (flatdino features --out)"))
-    vae: Path = field(metadata=opt("train-vae output directory (FlatDINO)"))
-    decoder: str = field(metadata=opt("pixel decoder: a train-decoder output or any RAE directory / hub id"))
-    out: Path = field(metadata=opt("output directory, e.g. shards/reconstruct/demo"))
+class Config(Checked):
+    images: Path = field(metadata=opt("images artifact (flatdino images --out)", runtime=True))
+    features: Path = field(metadata=opt("features artifact of those images (flatdino features --out)", runtime=True))
+    vae: Path = field(metadata=opt("train-vae output directory (FlatDINO)", runtime=True))
+    decoder: str = field(metadata=opt("pixel decoder: a train-decoder output or any RAE directory / hub id", runtime=True))
+    out: Path = field(metadata=opt("output directory, e.g. shards/reconstruct/demo", runtime=True))
     split: str = field(default="val", metadata=opt("split to reconstruct (rFID protocol: all 50k ImageNet val)"))
-    limit: int = field(default=0, metadata=opt("reconstruct only the first N stored samples (0 = all)"))
+    limit: int = field(default=0, metadata=opt("reconstruct only the first N stored samples (0 = all)", min=0))
     vae_weights: Literal["best", "last"] = field(default="best", metadata=opt("which FlatDINO checkpoint"))
-    chunk_size: int = field(default=500, metadata=opt("images per committed chunk (the unit of resume)"))
-    grid_samples: int = field(default=8, metadata=opt("images shown in grid.png"))
+    chunk_size: int = field(default=500, metadata=opt("images per committed chunk (the unit of resume)", min=1))
+    grid_samples: int = field(default=8, metadata=opt("images shown in grid.png", min=1))
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=opt("compute precision (rFID: fp32)"))
-    batch_size: int = field(default=64, metadata=opt("images per forward pass", runtime=True))
+    batch_size: int = field(default=64, metadata=opt("images per forward pass", runtime=True, min=1))
     device: str = field(default="auto", metadata=opt("auto, cpu, cuda ...", runtime=True))
     overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
                                                         runtime=True))
@@ -143,8 +144,9 @@ def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
     vae, decoder, models = load_models(cfg, images, features, device)
     inputs = {"images": {"path": str(cfg.images), "fingerprint": images.manifest.fingerprint},
               "features": {"path": str(cfg.features), "fingerprint": features.manifest.fingerprint}}
-    config = {**config_to_dict(cfg, semantic_only=True), "models": models, "inputs": inputs}
-    with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite and rt.is_main, lock=rt.is_main) as od:
+    config = {**config_to_dict(cfg, semantic_only=True), **content_identity({"models": models, "inputs": inputs})}
+    with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite, rt=rt, owns=OWNS,
+                   inputs=[cfg.images, cfg.features, cfg.vae, *local_dirs(cfg.decoder)]) as od:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest

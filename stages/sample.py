@@ -22,11 +22,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline.config import command_from_config, config_to_dict, opt
+from pipeline.config import Checked, command_from_config, config_to_dict, opt
 from pipeline.grids import save_grid
 from pipeline.npz import npz_bytes, rows_from_chunks, write_npz_streaming
 from pipeline.sampling import Chain, Sampling, generate, load_chain
-from pipeline.manifest import Manifest, OutputDir, UserError, atomic_write_bytes, file_sha256
+from pipeline.manifest import content_identity, local_dirs, Manifest, OutputDir, UserError, atomic_write_bytes, file_sha256
 from pipeline.runtime import Runtime, environment, get_logger, launch, progress
 from pipeline.shards import plan_shards
 
@@ -39,28 +39,28 @@ GRID_IMAGE_SIZE = 128  # grid thumbnails (the npz keeps full resolution)
 
 
 @dataclass(frozen=True)
-class Config:
-    dit: Path = field(metadata=opt("train-dit output directory (uses ckpt/ema.safetensors and its config.json)"))
-    vae: Path = field(metadata=opt("train-vae output directory (FlatDINO; the same one that made the DiT's latents)"))
-    decoder: str = field(metadata=opt("pixel decoder: a train-decoder output or any RAE directory / hub id"))
-    out: Path = field(metadata=opt("output directory, e.g. shards/samples/demo"))
-    per_class: int = field(default=50, metadata=opt("samples per class (ADM protocol: 50 x 1000 classes)"))
-    steps: int = field(default=50, metadata=opt("ODE steps"))
+class Config(Checked):
+    dit: Path = field(metadata=opt("train-dit output directory (uses ckpt/ema.safetensors and its config.json)", runtime=True))
+    vae: Path = field(metadata=opt("train-vae output directory (FlatDINO; the same one that made the DiT's latents)", runtime=True))
+    decoder: str = field(metadata=opt("pixel decoder: a train-decoder output or any RAE directory / hub id", runtime=True))
+    out: Path = field(metadata=opt("output directory, e.g. shards/samples/demo", runtime=True))
+    per_class: int = field(default=50, metadata=opt("samples per class (ADM protocol: 50 x 1000 classes)", min=1))
+    steps: int = field(default=50, metadata=opt("ODE steps", min=1))
     sampler: Literal["euler", "heun"] = field(default="euler", metadata=opt("ODE solver"))
-    cfg_scale: float = field(default=1.0, metadata=opt("classifier-free guidance scale w (1 = no guidance)"))
+    cfg_scale: float = field(default=1.0, metadata=opt("classifier-free guidance scale w (1 = no guidance)", min=0))
     cfg_interval: tuple[float, float] = field(default=(0.3, 1.0), metadata=opt(
-        "guide only while t_min < t < t_max (t = 0 noise, t = 1 data); (0.3, 1.0) = the official ADM-export default"))
-    seed: int = field(default=0, metadata=opt("noise seed; sample i depends only on (seed, i)"))
+        "guide only while t_min < t < t_max (t = 0 noise, t = 1 data); (0.3, 1.0) = the official ADM-export default", min=0, max=1))
+    seed: int = field(default=0, metadata=opt("noise seed; sample i depends only on (seed, i)", min=0))
     vae_weights: Literal["best", "last"] | None = field(default=None, metadata=opt(
         "FlatDINO checkpoint (default: the one that made the DiT's latents; another one is refused)"))
     latents: Path | None = field(default=None, metadata=opt(
-        "latents artifact the DiT was trained on (default: the path recorded in the DiT manifest)"))
-    chunk_size: int = field(default=500, metadata=opt("samples per committed chunk (the unit of resume)"))
-    grid_classes: int = field(default=10, metadata=opt("classes shown in grid.png (evenly spaced when more)"))
-    grid_columns: int = field(default=8, metadata=opt("samples per class shown in grid.png"))
+        "latents artifact the DiT was trained on (default: the path recorded in the DiT manifest)", runtime=True))
+    chunk_size: int = field(default=500, metadata=opt("samples per committed chunk (the unit of resume)", min=1))
+    grid_classes: int = field(default=10, metadata=opt("classes shown in grid.png (evenly spaced when more)", min=1))
+    grid_columns: int = field(default=8, metadata=opt("samples per class shown in grid.png", min=1))
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=opt("compute precision (eval default fp32)"))
     batch_size: int = field(default=64, metadata=opt("samples per forward pass (does not change the output)",
-                                                     runtime=True))
+                                                     runtime=True, min=1))
     device: str = field(default="auto", metadata=opt("auto, cpu, cuda ...", runtime=True))
     overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
                                                         runtime=True))
@@ -116,12 +116,17 @@ def protocol(cfg: Config, chain: Chain, n: int) -> dict:
 def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
     """Generate this rank's chunks; the main process assembles samples.npz, the grid and the manifest."""
     rt, t0 = (rt or launch()).on(cfg.device, cfg.precision), time.time()
+    if not cfg.cfg_interval[0] < cfg.cfg_interval[1]:
+        raise UserError(f"--cfg-interval {cfg.cfg_interval[0]} {cfg.cfg_interval[1]}: guidance applies while "
+                        "t_min < t < t_max (t = 0 noise, t = 1 data), so t_min must be below t_max")
     if cfg.per_class <= 0 or cfg.chunk_size <= 0 or cfg.batch_size <= 0:
         raise UserError("--per-class, --chunk-size and --batch-size must be positive")
     device = rt.device
     chain = load_chain(cfg.dit, cfg.vae, cfg.decoder, device, cfg.latents, cfg.vae_weights)
-    config = {**config_to_dict(cfg, semantic_only=True), "models": chain.models, "inputs": chain.inputs}
-    with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite and rt.is_main, lock=rt.is_main) as od:
+    config = {**config_to_dict(cfg, semantic_only=True),
+              **content_identity({"models": chain.models, "inputs": chain.inputs})}
+    with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite, rt=rt, owns=("chunk-*.npz", SAMPLES, GRID),
+                   inputs=[cfg.dit, cfg.vae, cfg.latents, *local_dirs(cfg.decoder)]) as od:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest

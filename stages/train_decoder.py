@@ -30,7 +30,7 @@ from pipeline.checkpoint import save_tensors
 from pipeline.config import command_from_config, config_to_dict, opt
 from pipeline.grids import save_grid
 from pipeline.image_metrics import LPIPS, load_lpips, psnr
-from pipeline.manifest import ArtifactError, Manifest, OutputDir, UserError, atomic_write_json, atomic_write_with, \
+from pipeline.manifest import local_dirs, ArtifactError, Manifest, OutputDir, UserError, atomic_write_json, atomic_write_with, \
     file_sha256
 from pipeline.runtime import Runtime, environment, get_logger, launch, torch_generator
 from pipeline.shards import FeatureShards, ImageShards, PairData
@@ -39,6 +39,7 @@ from pipeline.train import Ema, Event, Recipe, Trainer, TrainOptions
 log = get_logger(__name__)
 
 STAGE = "train_decoder"
+OWNS = ("config.json", WEIGHTS_NAME, "grids", "checkpoints", "latest.json", "tb", "loss.png")  # --overwrite
 MIN_LR_FRACTION = 0.1  # cosine decay ends at lr * this
 EMA_WARMUP = 10  # EMA decay warm-up constant: min(decay, (1 + step) / (EMA_WARMUP + step))
 # Decoder architectures (AutoencoderRAE decoder_* arguments). "same" keeps the encoder directory's decoder and starts
@@ -83,42 +84,42 @@ PRESETS: dict[str, TrainPreset] = {
 
 @dataclass(frozen=True, kw_only=True)
 class Config(TrainOptions):
-    images: Path = field(metadata=opt("images artifact the features were computed from (flatdino images --out)"))
-    features: Path = field(metadata=opt("features artifact (flatdino features --out)"))
+    images: Path = field(metadata=opt("images artifact the features were computed from (flatdino images --out)", runtime=True))
+    features: Path = field(metadata=opt("features artifact (flatdino features --out)", runtime=True))
     encoder: str = field(metadata=opt("RAE directory that produced the features (its encoder weights are copied; "
-                                      "its decoder is the starting point with --decoder-size same)"))
-    out: Path = field(metadata=opt("output RAE directory + manifest, e.g. shards/decoder/demo"))
+                                      "its decoder is the starting point with --decoder-size same)", runtime=True))
+    out: Path = field(metadata=opt("output RAE directory + manifest, e.g. shards/decoder/demo", runtime=True))
     preset: Literal["rae", "demo"] = field(default="rae", metadata=opt(
         "defaults of the knobs left unset: rae (RAE's recipe, tau 0.8, from the encoder dir's decoder) or demo (a "
         "fresh tiny decoder, ~2 min on CPU)"))
     decoder_size: Literal["same", "tiny", "small", "xl"] | None = field(default=None, metadata=opt(
         "decoder architecture; 'same' = the encoder directory's decoder, starting from its weights [preset]"))
-    steps: int | None = field(default=None, metadata=opt("optimiser steps [preset]"))
-    batch_size: int | None = field(default=None, metadata=opt("global batch size (rows = sample x view) [preset]"))
+    steps: int | None = field(default=None, metadata=opt("optimiser steps [preset]", min=0))
+    batch_size: int | None = field(default=None, metadata=opt("global batch size (rows = sample x view) [preset]", min=1))
     lr: float | None = field(default=None, metadata=opt(
-        "peak AdamW learning rate (warm-up, then cosine to 10%) [preset]"))
-    warmup_steps: int | None = field(default=None, metadata=opt("linear learning-rate warm-up steps [preset]"))
-    weight_decay: float | None = field(default=None, metadata=opt("AdamW weight decay [preset]"))
-    ema_decay: float | None = field(default=None, metadata=opt("EMA decay of the saved weights [preset]"))
+        "peak AdamW learning rate (warm-up, then cosine to 10%) [preset]", min=0, min_open=True))
+    warmup_steps: int | None = field(default=None, metadata=opt("linear learning-rate warm-up steps [preset]", min=0))
+    weight_decay: float | None = field(default=None, metadata=opt("AdamW weight decay [preset]", min=0))
+    ema_decay: float | None = field(default=None, metadata=opt("EMA decay of the saved weights [preset]", min=0, max=1))
     noise_tau: float | None = field(default=None, metadata=opt(
-        "feature noise augmentation: sigma ~ U[0, tau] per sample (RAE's tau; 0 = off) [preset]"))
+        "feature noise augmentation: sigma ~ U[0, tau] per sample (RAE's tau; 0 = off) [preset]", min=0))
     lpips: Literal["off", "auto", "on"] = field(default="auto", metadata=opt(
         "LPIPS term: on = required (needs --lpips-weights), auto = used when --lpips-weights is given, off = never"))
     lpips_weights: Path | None = field(default=None, metadata=opt(
-        "local LPIPS file (.safetensors/.pth): torchvision VGG16 `features.*` + LPIPS v0.1 `lin{k}.model.1.weight`"))
-    lpips_weight: float = field(default=1.0, metadata=opt("weight of the LPIPS term"))
-    eval_every: int | None = field(default=None, metadata=opt("validation PSNR + grid every N steps [preset]"))
-    eval_samples: int = field(default=64, metadata=opt("validation images used for PSNR"))
-    grid_samples: int = field(default=8, metadata=opt("validation images shown in the reconstruction grids"))
-    seed: int = field(default=0, metadata=opt("seed of the decoder init, batch order and feature noise"))
+        "local LPIPS file (.safetensors/.pth): torchvision VGG16 `features.*` + LPIPS v0.1 `lin{k}.model.1.weight`", runtime=True))
+    lpips_weight: float = field(default=1.0, metadata=opt("weight of the LPIPS term", min=0))
+    eval_every: int | None = field(default=None, metadata=opt("validation PSNR + grid every N steps [preset]", min=1))
+    eval_samples: int = field(default=64, metadata=opt("validation images used for PSNR", min=1))
+    grid_samples: int = field(default=8, metadata=opt("validation images shown in the reconstruction grids", min=1))
+    seed: int = field(default=0, metadata=opt("seed of the decoder init, batch order and feature noise", min=0))
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=opt("training compute precision"))
     ckpt_every: int | None = field(default=None, metadata=opt(
-        "checkpoint every N steps (also at the end and on SIGTERM) [preset]", runtime=True))
+        "checkpoint every N steps (also at the end and on SIGTERM) [preset]", runtime=True, min=1))
     micro_batch: int = field(default=0, metadata=opt("rows per forward per process (0: the whole share); "
-                                                     "gradients are accumulated to the global batch", runtime=True))
-    log_every: int = field(default=1, metadata=opt("log scalars every N steps", runtime=True))
+                                                     "gradients are accumulated to the global batch", runtime=True, min=0))
+    log_every: int = field(default=1, metadata=opt("log scalars every N steps", runtime=True, min=1))
     cache_mb: int = field(default=2048, metadata=opt(
-        "keep decoded targets and features in RAM up to this many MiB", runtime=True))
+        "keep decoded targets and features in RAM up to this many MiB", runtime=True, min=0))
     overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
                                                         runtime=True))
 
@@ -319,11 +320,13 @@ def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
     images, features = ImageShards(cfg.images), FeatureShards(cfg.features)
     encoder_fp = check_inputs(cfg, images, features)
     lp = maybe_lpips(cfg)  # a missing/bad LPIPS file is refused before any work
-    config = {**config_to_dict(cfg, semantic_only=True), "images": images.manifest.fingerprint,
+    config = {**config_to_dict(cfg, semantic_only=True), "encoder_fingerprint": encoder_fp,
+              "images": images.manifest.fingerprint,
               "features": features.manifest.fingerprint}
     if cfg.lpips_weights is not None:
         config["lpips_sha256"] = file_sha256(cfg.lpips_weights) if cfg.lpips_weights.exists() else None
-    with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite and rt.is_main, lock=rt.is_main) as od:
+    with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite, rt=rt, owns=OWNS,
+                   inputs=[cfg.images, cfg.features, *local_dirs(cfg.encoder)]) as od:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest

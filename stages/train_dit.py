@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ log = get_logger(__name__)
 BETAS = (0.9, 0.95)  # SPEC 7.3
 ADAM_EPS = 1e-8
 TIME_BUCKETS = 4  # loss logged per quarter of t in [0, 1]
+OWNS = ("checkpoints", "latest.json", "ckpt", "cache", "tb", "samples", "loss.png", "best", "evals")  # --overwrite
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,28 +67,28 @@ class Config(TrainOptions):
         "head (presets named as the official code: dits-dh, ditb-dh, ditl-dh, ditxl-dh; ditt-dh for tests)"))
     preset: str = field(default="XL", metadata=opt(
         f"generator preset: {', '.join(PRESETS)} (--arch dit) or {', '.join(dit_dh.PRESETS)} (--arch dit-dh)"))
-    steps: int = field(default=1_000_911, metadata=opt("optimizer steps in total (official default: 800 epochs)"))
-    global_batch: int = field(default=1024, metadata=opt("samples per optimizer step, over all processes"))
-    lr: float = field(default=2e-4, metadata=opt("constant AdamW learning rate (no warmup, SPEC 7.3)"))
-    weight_decay: float = field(default=1e-4, metadata=opt("AdamW weight decay on every parameter (optax default)"))
-    grad_clip: float = field(default=1.0, metadata=opt("global gradient-norm clip"))
-    ema_decay: float = field(default=0.9995, metadata=opt("EMA decay, updated every step from step 0"))
-    kappa: float = field(default=0.0, metadata=opt("time shift; 0 = sqrt(T F / 4096) (1.0 for 32x128)"))
-    label_dropout: float = field(default=0.1, metadata=opt("probability of replacing the label by the null class"))
+    steps: int = field(default=1_000_911, metadata=opt("optimizer steps in total (official default: 800 epochs)", min=1))
+    global_batch: int = field(default=1024, metadata=opt("samples per optimizer step, over all processes", min=1))
+    lr: float = field(default=2e-4, metadata=opt("constant AdamW learning rate (no warmup, SPEC 7.3)", min=0, min_open=True))
+    weight_decay: float = field(default=1e-4, metadata=opt("AdamW weight decay on every parameter (optax default)", min=0))
+    grad_clip: float = field(default=1.0, metadata=opt("global gradient-norm clip", min=0, min_open=True))
+    ema_decay: float = field(default=0.9995, metadata=opt("EMA decay, updated every step from step 0", min=0, max=1))
+    kappa: float = field(default=0.0, metadata=opt("time shift; 0 = sqrt(T F / 4096) (1.0 for 32x128)", min=0))
+    label_dropout: float = field(default=0.1, metadata=opt("probability of replacing the label by the null class", min=0, max=1, max_open=True))
     standardize_latents: bool = field(default=False, metadata=opt(
         "train on (mu - mean) / std per (token, channel), the official `-norm` (statistics of the latents artifact)"))
-    seed: int = field(default=0, metadata=opt("seed of the weight init, data order, noise, t and label dropout"))
-    time_seed: int = field(default=0, metadata=opt("seed of the fixed Gaussian Fourier time-embedding matrix"))
+    seed: int = field(default=0, metadata=opt("seed of the weight init, data order, noise, t and label dropout", min=0))
+    time_seed: int = field(default=0, metadata=opt("seed of the fixed Gaussian Fourier time-embedding matrix", min=0))
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata=opt("auto: bf16 on CUDA, else fp32"))
     attn_backend: Literal["sdpa", "xformers"] = field(default="sdpa", metadata=opt("attention kernel"))
     micro_batch: int = field(default=0, metadata=opt("per-process micro-batch (0: global batch / processes); "
-                                                     "gradients are accumulated to the global batch", runtime=True))
+                                                     "gradients are accumulated to the global batch", runtime=True, min=0))
     grad_checkpointing: bool = field(default=False, metadata=opt("recompute blocks in backward", runtime=True))
     ckpt_every: int = field(default=5000, metadata=opt("checkpoint every N steps (and at the end, on SIGTERM)",
-                                                       runtime=True))
-    log_every: int = field(default=100, metadata=opt("log scalars every N steps", runtime=True))
+                                                       runtime=True, min=1))
+    log_every: int = field(default=100, metadata=opt("log scalars every N steps", runtime=True, min=1))
     sample_every: int = field(default=0, metadata=opt("sample grid every N steps (needs --flatdino and --rae)",
-                                                      runtime=True))
+                                                      runtime=True, min=0))
     flatdino: Path | None = field(default=None, metadata=opt("train-vae run, for sample grids", runtime=True))
     rae: Path | None = field(default=None, metadata=opt("RAE dir with the pixel decoder, for sample grids",
                                                         runtime=True))
@@ -126,11 +128,24 @@ def cache_path(cfg: Config, data: LatentData) -> Path:
 
 def _copy_rows(tmp: Path, data: LatentData, standardize: bool) -> None:
     rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(data.z.shape))
+    preallocate(tmp)  # a sparse mapped file would die of SIGBUS on a full disk instead of raising ENOSPC
     mean, std = data.mean.numpy(), data.std.numpy()
     for s in range(0, len(rows), CACHE_ROWS):
         z = np.asarray(data.z[s : s + CACHE_ROWS], dtype=np.float32)
         rows[s : s + len(z)] = ((z.astype(np.float64) - mean) / std).astype(np.float32) if standardize else z
     rows.flush()
+
+
+def preallocate(path: Path) -> None:
+    """Reserve the blocks of an (empty, sparse) file now, so that writing through a memory map cannot hit a full disk
+    (SIGBUS, no message) later: a full disk is an OSError(ENOSPC) here, which the CLI reports."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        raise OSError(e.errno, os.strerror(e.errno), str(path)) from None
+    finally:
+        os.close(fd)
 
 
 def map_rows(cfg: Config, data: LatentData, rt: Runtime) -> LatentData:
@@ -323,7 +338,8 @@ def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
     config = {**cfg_dict(cfg, semantic_only=True),
               "latents_fingerprint": require_complete(cfg.latents, "latents").fingerprint}
     rt = rt or launch(cfg.device, cfg.precision)
-    with OutputDir(cfg.out, "train_dit", config, overwrite=cfg.overwrite and rt.is_main, lock=rt.is_main) as od:
+    with OutputDir(cfg.out, "train_dit", config, overwrite=cfg.overwrite, rt=rt, owns=OWNS,
+                   inputs=[cfg.latents, cfg.flatdino, cfg.rae]) as od:
         if od.done:
             log.info("%s: already complete (step %d)", cfg.out, od.manifest.extra["step"])
             return od.manifest

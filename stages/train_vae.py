@@ -38,6 +38,7 @@ log = get_logger(__name__)
 
 LR_INIT, LR_FINAL = 1e-6, 1e-8  # SPEC 5.2
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+OWNS = ("best", "last", "checkpoints", "latest.json", "tb", "loss.png")  # what --overwrite may delete
 
 
 class Variant(NamedTuple):
@@ -64,20 +65,20 @@ VARIANTS: dict[str, Variant] = {
 
 @dataclass(frozen=True, kw_only=True)
 class Config(TrainOptions):
-    out: Path = field(metadata=opt("output directory (best/ and last/ weights, checkpoints/, tb/, loss.png)"))
+    out: Path = field(metadata=opt("output directory (best/ and last/ weights, checkpoints/, tb/, loss.png)", runtime=True))
     features: Path | None = field(default=None, metadata=opt("features artifact (flatdino features --out); "
-                                                             "its 'train' split trains, its 'val' split validates"))
+                                                             "its 'train' split trains, its 'val' split validates", runtime=True))
     source: Literal["features", "images"] = field(default="features", metadata=opt(
         "features: stored feature shards; images: DINOv2 features on the fly with random-resized crop + flip"))
-    images: Path | None = field(default=None, metadata=opt("images artifact (with --source images)"))
-    encoder: str | None = field(default=None, metadata=opt("RAE directory or hub id (with --source images)"))
+    images: Path | None = field(default=None, metadata=opt("images artifact (with --source images)", runtime=True))
+    encoder: str | None = field(default=None, metadata=opt("RAE directory or hub id (with --source images)", runtime=True))
     experiment: str | None = field(default=None, metadata=opt(
         "an official experiment name, e.g. long-32-bl-128-kl3-an5k: sets the architecture, --variant and the loss "
         "options exactly as the official code builds them from that name (printed, and recorded in the manifest); "
         "suffixes -hl -nokl -klN -MklN -anNk -fbX -klvarN -erN -drN -tanh"))
     preset: str = field(default="32-bl-128", metadata=opt(f"FlatDINO preset: {', '.join(PRESETS)}"))
-    num_tokens: int | None = field(default=None, metadata=opt("override the preset's latent tokens T"))
-    latent_dim: int | None = field(default=None, metadata=opt("override the preset's latent channels F"))
+    num_tokens: int | None = field(default=None, metadata=opt("override the preset's latent tokens T", min=1))
+    latent_dim: int | None = field(default=None, metadata=opt("override the preset's latent channels F", min=1))
     encoder_size: Literal["t", "s", "b", "l"] | None = field(default=None, metadata=opt(
         "override the preset's encoder ViT size"))
     decoder_size: Literal["t", "s", "b", "l"] | None = field(default=None, metadata=opt(
@@ -85,36 +86,36 @@ class Config(TrainOptions):
     half_depth: bool = field(default=False, metadata=opt("halve encoder and decoder depth (official -hl)"))
     tanh: bool = field(default=False, metadata=opt("tanh on the latents: on z in training, on mu downstream "
                                                    "(official -tanh)"))
-    encoder_registers: int = field(default=0, metadata=opt("disposable encoder registers (official -erN)"))
-    decoder_registers: int = field(default=0, metadata=opt("disposable decoder registers (official -drN)"))
+    encoder_registers: int = field(default=0, metadata=opt("disposable encoder registers (official -erN)", min=0))
+    decoder_registers: int = field(default=0, metadata=opt("disposable decoder registers (official -drN)", min=0))
     standardize_features: bool = field(default=False, metadata=opt(
         "not in the paper: the encoder sees (X - mean) / max(std, 0.1) per patch and channel, statistics of the "
         "train features stored with the weights; the demo needs it (its random-encoder features are dominated by "
         "their per-position mean). Needs --source features; two passes over them when they do not fit --cache-gb"))
     variant: Literal["fast", "med", "long", "ext", "demo"] = field(default="long", metadata=opt(
         "run length: fast 50 / med 100 / long 150 / ext 300 epochs (decay over the last 10/15/15/25%); demo: CPU"))
-    epochs: int | None = field(default=None, metadata=opt("override the variant's epochs"))
-    steps: int | None = field(default=None, metadata=opt("override the total number of updates (schedule scales)"))
-    global_batch: int | None = field(default=None, metadata=opt("samples per update (variant default: 512)"))
-    micro_batch: int = field(default=128, metadata=opt("samples per forward per process (gradient accumulation)"))
-    lr_peak: float | None = field(default=None, metadata=opt("peak learning rate (variant default: 1e-4)"))
-    weight_decay: float = field(default=0.02, metadata=opt("AdamW weight decay on 2-D weight matrices only"))
-    grad_clip: float = field(default=10.0, metadata=opt("global gradient-norm clip"))
-    kl_weight: float | None = field(default=None, metadata=opt("beta; default 5.12e-4 / (T*F)"))
-    kl_anneal_steps: int = field(default=0, metadata=opt("linear KL warm-up from 0 over this many updates"))
-    free_bits: float = field(default=0.0, metadata=opt("per-dimension KL floor (official -fbX)"))
+    epochs: int | None = field(default=None, metadata=opt("override the variant's epochs", min=1))
+    steps: int | None = field(default=None, metadata=opt("override the total number of updates (schedule scales)", min=1))
+    global_batch: int | None = field(default=None, metadata=opt("samples per update (variant default: 512)", min=1))
+    micro_batch: int = field(default=128, metadata=opt("samples per forward per process (gradient accumulation)", min=1))
+    lr_peak: float | None = field(default=None, metadata=opt("peak learning rate (variant default: 1e-4)", min=0, min_open=True))
+    weight_decay: float = field(default=0.02, metadata=opt("AdamW weight decay on 2-D weight matrices only", min=0))
+    grad_clip: float = field(default=10.0, metadata=opt("global gradient-norm clip", min=0, min_open=True))
+    kl_weight: float | None = field(default=None, metadata=opt("beta; default 5.12e-4 / (T*F)", min=0))
+    kl_anneal_steps: int = field(default=0, metadata=opt("linear KL warm-up from 0 over this many updates", min=0))
+    free_bits: float = field(default=0.0, metadata=opt("per-dimension KL floor (official -fbX)", min=0))
     kl_var_weight: float = field(default=0.0, metadata=opt(
-        "weight (times beta) of the variance over tokens of the per-token KL (official -klvarN: 1e-N); 0 = off"))
-    val_every: int | None = field(default=None, metadata=opt("validate every N updates (default: every 5 epochs)"))
-    val_samples: int | None = field(default=None, metadata=opt("validate on the first N val samples (default all)"))
-    seed: int = field(default=0, metadata=opt("seed of init, data order and noise"))
+        "weight (times beta) of the variance over tokens of the per-token KL (official -klvarN: 1e-N); 0 = off", min=0))
+    val_every: int | None = field(default=None, metadata=opt("validate every N updates (default: every 5 epochs)", min=1))
+    val_samples: int | None = field(default=None, metadata=opt("validate on the first N val samples (default all)", min=1))
+    seed: int = field(default=0, metadata=opt("seed of init, data order and noise", min=0))
     precision: Literal["fp32", "bf16", "auto"] = field(default="auto", metadata=opt(
         "auto: bf16 autocast on CUDA with bf16 support, fp32 otherwise"))
     ckpt_every: int | None = field(default=None, metadata=opt(
-        "checkpoint every N updates (default: --val-every; also at the end and on SIGTERM)", runtime=True))
+        "checkpoint every N updates (default: --val-every; also at the end and on SIGTERM)", runtime=True, min=1))
     cache_gb: float = field(default=8.0, metadata=opt("hold the features in RAM when they fit in this many GB",
-                                                      runtime=True))
-    num_workers: int = field(default=4, metadata=opt("reader threads", runtime=True))
+                                                      runtime=True, min=0))
+    num_workers: int = field(default=4, metadata=opt("reader threads", runtime=True, min=1))
     overwrite: bool = field(default=False, metadata=opt("delete an existing run made with another config",
                                                         runtime=True))
 
@@ -297,8 +298,10 @@ def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
     data = open_data(cfg)
     model_cfg = resolve_model(cfg, data.dim, data.num_patches)
     plan = make_plan(cfg, data.num_train, model_cfg)
-    config = {**config_to_dict(cfg, semantic_only=True), "input": data.fingerprint}
-    with OutputDir(cfg.out, "train_vae", config, overwrite=cfg.overwrite and rt.is_main, lock=rt.is_main) as od:
+    config = {**config_to_dict(cfg, semantic_only=True), "input": data.fingerprint,
+              "encoder_fingerprint": data.encoder["fingerprint"]}
+    with OutputDir(cfg.out, "train_vae", config, overwrite=cfg.overwrite, rt=rt, owns=OWNS,
+                   inputs=[cfg.features, cfg.images]) as od:
         if od.done:
             log.info("%s is already complete; nothing to do", cfg.out)
             return od.manifest

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.runtime import Dist
+from pipeline.runtime import Runtime
 
 # (width, height) of the fixture images: square, landscape, portrait, larger than 2x256 (BOX halving) and tiny.
 SIZES = [(256, 256), (320, 240), (200, 300), (600, 540), (64, 48), (1030, 520)]
@@ -72,7 +72,7 @@ def features_artifact(tmp_path_factory, images_artifact, encoder_dir) -> Path:
 
     out = tmp_path_factory.mktemp("features") / "art"
     features.run(features.Config(images=images_artifact, encoder=str(encoder_dir), out=out, views=2, batch_size=4,
-                                 num_workers=2), dist=Dist())
+                                 num_workers=2), rt=Runtime())
     return out
 
 

@@ -11,9 +11,10 @@ import torch
 
 from models import encoder as enc
 from models.encoder import (FeatureEncoder, PixelDecoder, adm_center_crop, canonical_dinov2_names, legacy_dinov2_names,
-                            load_rae, meta_tensors, rae_checkpoint_filter, state_fingerprint, uses_legacy_dinov2_names)
+                            encoder_fingerprint, load_rae, meta_tensors, rae_checkpoint_filter, state_fingerprint, uses_legacy_dinov2_names)
 from pipeline.manifest import ArtifactError
-from pipeline.runtime import Dist
+from pipeline.shards import load_rgb  # noqa: E402
+from pipeline.runtime import Runtime
 from pipeline.shards import FeatureShards, ImageShards
 from release_layout import canonical_state, release_state, write_installed_dir, write_photo_folder, write_release_dir
 from stages import features, images
@@ -86,17 +87,19 @@ def test_release_layout_loads_strictly_with_the_same_weights_and_fingerprints(di
     for k, v in b.state_dict().items():
         assert torch.equal(a.state_dict()[k], v), k
     fa, fb = FeatureEncoder(a).fingerprint, FeatureEncoder(b).fingerprint
-    assert fa == fb == state_fingerprint(dirs["rae"], "encoder.")
+    assert fa == fb == encoder_fingerprint(dirs["rae"])
+    assert state_fingerprint(a, "encoder.") == state_fingerprint(dirs["rae"], "encoder.")
     assert PixelDecoder(a).fingerprint == PixelDecoder(b).fingerprint
     # the fingerprint is over canonical names: a module whose keys are the legacy ones hashes the same
     legacy_module = _StateModule(release_state(dirs["rae"].state_dict()))
-    assert state_fingerprint(legacy_module, "encoder.") == fa
+    assert state_fingerprint(legacy_module, "encoder.") == state_fingerprint(a, "encoder.")
     # ... and it is the plain sha256 over the state in >= 5.18 names: artifacts made before keep matching
-    assert fa == _plain_fingerprint(canonical_state(dirs["rae"].state_dict()), "encoder.")
+    assert state_fingerprint(a, "encoder.") == _plain_fingerprint(canonical_state(dirs["rae"].state_dict()),
+                                                                   "encoder.")
     other = dict(dirs["rae"].state_dict())
     key = next(k for k in other if k.startswith("encoder.encoder.layer.1.attention."))
     other[key] = other[key] + 1e-3
-    assert state_fingerprint(_StateModule(other), "encoder.") != fa
+    assert state_fingerprint(_StateModule(other), "encoder.") != state_fingerprint(a, "encoder.")
 
 
 class _StateModule(torch.nn.Module):
@@ -154,7 +157,7 @@ def test_wrong_weights_in_the_release_layout_are_refused(dirs, tmp_path):
 
 def _features(photos, encoder_dir, out, resize="flatdino"):
     return features.run(features.Config(images=photos, encoder=str(encoder_dir), out=out, views=2, batch_size=4,
-                                        num_workers=1, resize=resize, device="cpu"), dist=Dist())
+                                        num_workers=1, resize=resize, device="cpu"), rt=Runtime())
 
 
 def _hashes(path):
@@ -190,7 +193,7 @@ def test_rae_resize_features_equal_diffusers_encode_within_float16(dirs, photos,
     assert stored["rae"].fingerprint != stored["flatdino"].fingerprint
     assert stored["rae"].config["resize"] == "rae" and stored["rae"].extra["resize"] == "rae"
     art = ImageShards(photos)
-    crops = {key: np.asarray(adm_center_crop(art.load_rgb(data)), dtype=np.uint8)
+    crops = {key: np.asarray(adm_center_crop(load_rgb(data)), dtype=np.uint8)
              for _, key, _, data, _ in art.iter("train")}
     feats = {name: {key: f for _, key, _, f in FeatureShards(tmp_path / name).iter("train")} for name in stored}
     keys = sorted(crops)
@@ -228,3 +231,20 @@ def test_release_config_fields_are_what_the_conversion_script_writes(dirs):
     assert isinstance(cfg["latents_mean"][0][0], list) and cfg["encoder_type"] == "dinov2"
     rae = load_rae(dirs["release"])
     assert rae.config.encoder_hidden_size == 192 and rae.config.image_size is None
+
+
+def test_encoders_of_another_input_size_have_another_fingerprint():
+    """Same weights, 112 instead of 224 px (an 8x8 instead of a 16x16 grid): another encoder, another fingerprint, so
+    train-decoder, sample and latents refuse the mismatch; the pixel decoder's geometry is in its fingerprint too."""
+    from models.encoder import build_rae
+
+    torch.manual_seed(0)
+    a = build_rae("tiny")
+    torch.manual_seed(0)
+    b = build_rae("tiny", encoder_input_size=112)
+    assert state_fingerprint(a, "encoder.") == state_fingerprint(b, "encoder.")  # the weights are the same
+    assert FeatureEncoder(a).fingerprint != FeatureEncoder(b).fingerprint
+    torch.manual_seed(0)
+    c = build_rae("tiny", patch_size=32)
+    assert state_fingerprint(c.decoder) != state_fingerprint(a.decoder) or \
+        PixelDecoder(c).fingerprint != PixelDecoder(a).fingerprint

@@ -70,7 +70,7 @@ def _train_decoder_case(request) -> Case:
                 {"images": str(request.getfixturevalue("images_artifact")),
                  "features": str(request.getfixturevalue("features_artifact")),
                  "encoder": str(request.getfixturevalue("encoder_dir")), "steps": 6, "preset": "demo", "batch_size": 4,
-                 "eval_every": 3, "checkpoint_every": 2, "eval_samples": 4, "grid_samples": 3, "lpips": "off",
+                 "eval_every": 3, "ckpt_every": 2, "eval_samples": 4, "grid_samples": 3, "lpips": "off",
                  "device": "cpu"}, ("atomic", "replace"))
 
 

@@ -8,8 +8,9 @@ import torch
 
 from models.encoder import FeatureEncoder, adm_center_crop, init_rae_dir, load_rae
 from pipeline import metrics
+from pipeline.shards import load_rgb  # noqa: E402
 from pipeline.manifest import RECORD_SUFFIX, ArtifactError, Manifest, file_sha256, write_manifest
-from pipeline.runtime import Dist
+from pipeline.runtime import Runtime
 from pipeline.shards import ImageShards
 from stages import classifier, fid
 
@@ -24,7 +25,7 @@ def _in_memory(images_artifact, split):
     shards = ImageShards(images_artifact)
     xs, ys = [], []
     for _, _, cls, data, _ in shards.iter(split):
-        xs.append(np.asarray(adm_center_crop(shards.load_rgb(data)), dtype=np.uint8))
+        xs.append(np.asarray(adm_center_crop(load_rgb(data)), dtype=np.uint8))
         ys.append(cls)
     return np.stack(xs), np.asarray(ys)
 
@@ -44,7 +45,7 @@ def reference(images_artifact, encoder_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "train"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.hub, "get_dir", lambda: str(out.parent / "hub"))
-        fid.run_ref(_ref_cfg(images_artifact, encoder_dir, out), dist=Dist())
+        fid.run_ref(_ref_cfg(images_artifact, encoder_dir, out), rt=Runtime())
     return out
 
 
@@ -76,15 +77,15 @@ def test_reference_stats_from_shards_equal_in_memory(reference, images_artifact,
 
 def test_reference_is_identical_across_ranks_and_resumes(reference, images_artifact, encoder_dir, tmp_path):
     cfg = _ref_cfg(images_artifact, encoder_dir, tmp_path / "ranks")
-    assert fid.run_ref(cfg, dist=Dist(1, 2)) is None  # rank 1 writes its blocks and leaves the rest to main
+    assert fid.run_ref(cfg, rt=Runtime(1, 2)) is None  # rank 1 writes its blocks and leaves the rest to main
     assert sorted(p.name for p in cfg.out.glob("ref-*.npz")) == ["ref-000001.npz", "ref-000003.npz"]
-    m = fid.run_ref(cfg, dist=Dist(0, 2))
+    m = fid.run_ref(cfg, rt=Runtime(0, 2))
     with np.load(reference / fid.REFERENCE) as a, np.load(cfg.out / fid.REFERENCE) as b:
         assert a.files == b.files
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name])
     assert m.shards == fid.read_manifest(reference).shards
-    assert fid.run_ref(cfg, dist=Dist()).fingerprint == m.fingerprint  # re-run: no-op
+    assert fid.run_ref(cfg, rt=Runtime()).fingerprint == m.fingerprint  # re-run: no-op
 
 
 def _classifier(images_artifact, tmp_path):
@@ -97,7 +98,7 @@ def test_fid_end_to_end_without_inception(reference, samples_dir, images_artifac
     clf_dir = _classifier(images_artifact, tmp_path)
     cfg = fid.Config(samples=samples_dir, reference=reference, out=tmp_path / "fid", encoder=str(encoder_dir),
                      classifier=clf_dir, block_size=4, download=False, device="cpu")
-    m = fid.run(cfg, dist=Dist())
+    m = fid.run(cfg, rt=Runtime())
     report = json.loads((cfg.out / fid.METRICS).read_text())
     assert report == json.loads(json.dumps(m.extra))
     x, y = _in_memory(images_artifact, "val")
@@ -120,7 +121,7 @@ def test_fid_end_to_end_without_inception(reference, samples_dir, images_artifac
     line = fid.summary(m)
     assert report["summary"] == line
     assert "FID n/a | sFID n/a" in line and f"FD-DINOv2(cls) {expected:.4f}" in line and "TF-graph" not in line
-    assert fid.run(cfg, dist=Dist()).fingerprint == m.fingerprint  # re-run: no-op
+    assert fid.run(cfg, rt=Runtime()).fingerprint == m.fingerprint  # re-run: no-op
 
 
 def test_fid_refuses_another_encoder(reference, samples_dir, tmp_path):
@@ -128,7 +129,7 @@ def test_fid_refuses_another_encoder(reference, samples_dir, tmp_path):
     cfg = fid.Config(samples=samples_dir, reference=reference, out=tmp_path / "fid", encoder=str(other),
                      download=False, device="cpu")
     with pytest.raises(ArtifactError, match="FD-DINOv2 needs the same encoder"):
-        fid.run(cfg, dist=Dist())
+        fid.run(cfg, rt=Runtime())
 
 
 def test_adm_reference_batch_matches_fid_ref(reference, samples_dir, images_artifact, encoder_dir, tmp_path):
@@ -136,8 +137,8 @@ def test_adm_reference_batch_matches_fid_ref(reference, samples_dir, images_arti
     np.savez(tmp_path / "VIRTUAL_ref.npz", x, y, mu=np.zeros(3), sigma=np.eye(3))  # ADM layout (stats unused here)
     common = dict(samples=samples_dir / "samples.npz", encoder=str(encoder_dir), block_size=5, download=False,
                   device="cpu")
-    adm = fid.run(fid.Config(reference=tmp_path / "VIRTUAL_ref.npz", out=tmp_path / "a", **common), dist=Dist())
-    ours = fid.run(fid.Config(reference=reference, out=tmp_path / "b", **common), dist=Dist())
+    adm = fid.run(fid.Config(reference=tmp_path / "VIRTUAL_ref.npz", out=tmp_path / "a", **common), rt=Runtime())
+    ours = fid.run(fid.Config(reference=reference, out=tmp_path / "b", **common), rt=Runtime())
     assert adm.extra["protocol"]["reference"]["kind"] == "adm"
     for name in ("fd_dinov2", "fd_dinov2_patch_mean"):
         assert adm.extra["metrics"][name]["value"] == pytest.approx(ours.extra["metrics"][name]["value"], rel=1e-4)
@@ -176,12 +177,12 @@ def test_inception_metrics_end_to_end_with_random_weights(images_artifact, sampl
     pool, logits, spatial = metrics.inception_features(metrics.load_inception(weights), x)
     ref_dir = tmp_path / "ref"
     fid.run_ref(fid.RefConfig(images=images_artifact, out=ref_dir, split="val", inception_weights=weights,
-                              block_size=4, download=False, device="cpu"), dist=Dist())
+                              block_size=4, download=False, device="cpu"), rt=Runtime())
     st, sp = metrics.feature_stats(pool), metrics.feature_stats(spatial)
     np.savez(tmp_path / "adm.npz", x, mu=st.mu, sigma=st.sigma, mu_s=sp.mu, sigma_s=sp.sigma)
     for name, ref in (("art", ref_dir), ("adm", tmp_path / "adm.npz")):
         m = fid.run(fid.Config(samples=samples_dir, reference=ref, out=tmp_path / name, inception_weights=weights,
-                               block_size=4, download=False, device="cpu"), dist=Dist())
+                               block_size=4, download=False, device="cpu"), rt=Runtime())
         got = m.extra["metrics"]
         assert abs(got["fid"]["value"]) < 1e-6 * np.trace(st.sigma)  # the samples are the reference images
         assert abs(got["sfid"]["value"]) < 1e-6 * np.trace(sp.sigma)
@@ -239,7 +240,7 @@ def test_sfid_and_fid_against_adm_tf_graph_statistics(samples_dir, images_artifa
     d_pool, d_spatial = rng.normal(size=2048) * 0.1, rng.normal(size=2023) * 0.1
     np.savez(tmp_path / "VIRTUAL.npz", mu=p_mu + d_pool, sigma=p_sigma, mu_s=s_mu + d_spatial, sigma_s=4 * s_sigma)
     m = fid.run(fid.Config(samples=samples_dir, reference=tmp_path / "VIRTUAL.npz", out=tmp_path / "fid",
-                           inception_weights=inception_weights, block_size=4, device="cpu"), dist=Dist())
+                           inception_weights=inception_weights, block_size=4, device="cpu"), rt=Runtime())
     got = m.extra["metrics"]
     assert got["fid"]["value"] == pytest.approx(d_pool @ d_pool, rel=1e-4)  # same covariance: |d mu|^2 only
     # sigma_s = 4 S: tr S + 4 tr S - 2 tr (4 S^2)^(1/2) = tr S
@@ -267,25 +268,25 @@ def test_absent_inception_is_reported_at_once_offline_or_refused(reference, samp
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
-    m = fid.run(fid.Config(samples=samples_dir, reference=reference, out=tmp_path / "a", device="cpu"), dist=Dist())
+    m = fid.run(fid.Config(samples=samples_dir, reference=reference, out=tmp_path / "a", device="cpu"), rt=Runtime())
     reason = m.extra["metrics"]["fid"]["reason"]  # the defaults: no download attempt, the fix spelled out
     assert str(metrics.inception_cache_path()) in reason and "--inception-weights FILE" in reason
     with pytest.raises(fid.UserError, match="--require-inception: Inception weights not found"):
         fid.run(fid.Config(samples=samples_dir, reference=reference, out=tmp_path / "b", device="cpu",
-                           require_inception=True), dist=Dist())
+                           require_inception=True), rt=Runtime())
     result = CliRunner().invoke(fid.cli, ["--samples", str(samples_dir), "--reference", str(reference), "--out",
                                           str(tmp_path / "c"), "--device", "cpu", "--require-inception"])
     assert result.exit_code == 2 and "weights-inception-2015-12-05-6726825d.pth" in result.output
     with pytest.raises(fid.UserError, match="--require-inception"):
         fid.run_ref(fid.RefConfig(images=images_artifact, out=tmp_path / "r", require_inception=True, device="cpu"),
-                    dist=Dist())
+                    rt=Runtime())
 
 
 def test_blocks_without_a_space_are_refused_not_merged_into_a_subset(reference, samples_dir, encoder_dir, tmp_path):
     """A run resumed across an upgrade (old blocks lack sFID's moments) must not report statistics of a subset."""
     cfg = fid.Config(samples=samples_dir, reference=reference, out=tmp_path / "f", encoder=str(encoder_dir),
                      block_size=4, device="cpu")
-    fid.run(cfg, dist=Dist())
+    fid.run(cfg, rt=Runtime())
     first = tmp_path / "f" / "samples-000000.npz"
     with np.load(first) as z:
         kept = {k: z[k] for k in z.files if not k.startswith("dino_cls.")}  # as if written before that space existed
@@ -294,4 +295,4 @@ def test_blocks_without_a_space_are_refused_not_merged_into_a_subset(reference, 
     record.write_text(json.dumps({**json.loads(record.read_text()), "bytes": first.stat().st_size}))
     (tmp_path / "f" / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="dino_cls statistics are missing from some blocks"):
-        fid.run(cfg, dist=Dist())
+        fid.run(cfg, rt=Runtime())

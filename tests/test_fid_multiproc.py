@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.manifest import file_sha256
-from pipeline.runtime import Dist
+from pipeline.runtime import Runtime
 from stages import fid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,9 +36,9 @@ def test_two_processes_match_one(images_artifact, encoder_dir, tmp_path, monkeyp
     x = np.stack([np.full((256, 256, 3), 20 * i, np.uint8) for i in range(7)])
     np.savez(tmp_path / "samples.npz", x, np.arange(7) % 3)
     common = dict(encoder=str(encoder_dir), block_size=3, download=False, device="cpu")
-    fid.run_ref(fid.RefConfig(images=images_artifact, out=tmp_path / "ref1", **common), dist=Dist())
+    fid.run_ref(fid.RefConfig(images=images_artifact, out=tmp_path / "ref1", **common), rt=Runtime())
     one = fid.run(fid.Config(samples=tmp_path / "samples.npz", reference=tmp_path / "ref1", out=tmp_path / "fid1",
-                             **common), dist=Dist())
+                             **common), rt=Runtime())
     flags = ["--encoder", str(encoder_dir), "--block-size", "3", "--no-download", "--device", "cpu"]
     _launch(tmp_path / "hub", "fid-ref", "--images", str(images_artifact), "--out", str(tmp_path / "ref2"), *flags)
     assert file_sha256(tmp_path / "ref2" / fid.REFERENCE) == file_sha256(tmp_path / "ref1" / fid.REFERENCE)

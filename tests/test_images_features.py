@@ -14,7 +14,8 @@ from PIL import Image
 
 from models.encoder import FeatureEncoder, PixelDecoder, adm_center_crop, load_rae, pil_to_uint8, rae_checkpoint_filter
 from pipeline.manifest import ArtifactError, ConfigMismatch, TooManyFailures
-from pipeline.runtime import Dist
+from pipeline.shards import load_rgb  # noqa: E402
+from pipeline.runtime import Runtime
 from pipeline.shards import FeatureShards, ImageShards, decode_npy, read_tar_shard, write_tar_shard
 from stages import features, images
 from conftest import make_image_folder
@@ -70,7 +71,7 @@ def test_digits_source_is_real_and_recoverable(tmp_path):
     art = ImageShards(tmp_path / "d")
     digits = load_digits()
     _, key, cls, data, ext = next(art.iter("val"))
-    im = np.asarray(art.load_rgb(data))[..., 0].astype(np.float64)
+    im = np.asarray(load_rgb(data))[..., 0].astype(np.float64)
     small = im.reshape(8, 32, 8, 32).mean(axis=(1, 3))  # nearest upscale -> exact block average
     matches = [i for i in range(1797) if np.array_equal(np.round(digits.images[i] * 255 / 16), small)]
     assert matches and digits.target[matches[0]] == cls
@@ -160,19 +161,19 @@ def test_kill_and_resume_gives_identical_bytes(tmp_path, monkeypatch, features_a
     monkeypatch.setattr(features, "write_tar_shard", dying)
     out = tmp_path / "f"
     with pytest.raises(KeyboardInterrupt):
-        features.run(_cfg(images_artifact, encoder_dir, out), dist=Dist())
+        features.run(_cfg(images_artifact, encoder_dir, out), rt=Runtime())
     assert not (out / "manifest.json").exists()
     monkeypatch.setattr(features, "write_tar_shard", real)
-    m = features.run(_cfg(images_artifact, encoder_dir, out), dist=Dist())
+    m = features.run(_cfg(images_artifact, encoder_dir, out), rt=Runtime())
     assert m.complete and _shard_hashes(out) == _shard_hashes(features_artifact)
     assert m.fingerprint == FeatureShards(features_artifact).manifest.fingerprint
 
 
 def test_two_ranks_give_the_same_bytes_as_one(tmp_path, features_artifact, images_artifact, encoder_dir):
     out = tmp_path / "f2"
-    assert features.run(_cfg(images_artifact, encoder_dir, out), dist=Dist(0, 2)) is None  # rank 1 not done yet
-    assert features.run(_cfg(images_artifact, encoder_dir, out), dist=Dist(1, 2)) is None
-    m = features.run(_cfg(images_artifact, encoder_dir, out), dist=Dist())  # nothing left: only the manifest
+    assert features.run(_cfg(images_artifact, encoder_dir, out), rt=Runtime(0, 2)) is None  # rank 1 not done yet
+    assert features.run(_cfg(images_artifact, encoder_dir, out), rt=Runtime(1, 2)) is None
+    m = features.run(_cfg(images_artifact, encoder_dir, out), rt=Runtime())  # nothing left: only the manifest
     assert m.complete and _shard_hashes(out) == _shard_hashes(features_artifact)
 
 
@@ -180,20 +181,20 @@ def test_mismatched_rerun_and_wrong_encoder_refused_before_work(tmp_path, featur
     before = _shard_hashes(features_artifact)
     with pytest.raises(ConfigMismatch, match="views: 2 -> 1"):
         features.run(features.Config(images=images_artifact, encoder=str(encoder_dir), out=features_artifact,
-                                     views=1, batch_size=4), dist=Dist())
+                                     views=1, batch_size=4), rt=Runtime())
     with pytest.raises(ConfigMismatch, match="resize: 'flatdino' -> 'rae'"):
-        features.run(_cfg(images_artifact, encoder_dir, features_artifact, resize="rae"), dist=Dist())
+        features.run(_cfg(images_artifact, encoder_dir, features_artifact, resize="rae"), rt=Runtime())
     assert _shard_hashes(features_artifact) == before
     with pytest.raises(ArtifactError, match="not a hub id|no such directory"):
-        features.run(_cfg(images_artifact, tmp_path / "nope", tmp_path / "x"), dist=Dist())
+        features.run(_cfg(images_artifact, tmp_path / "nope", tmp_path / "x"), rt=Runtime())
     with pytest.raises(ArtifactError, match="no images artifact"):
-        features.run(_cfg(tmp_path / "noimg", encoder_dir, tmp_path / "y"), dist=Dist())
+        features.run(_cfg(tmp_path / "noimg", encoder_dir, tmp_path / "y"), rt=Runtime())
 
 
 def test_rerun_of_a_finished_stage_is_a_noop(features_artifact, images_artifact, encoder_dir):
     mtime = (features_artifact / "manifest.json").stat().st_mtime_ns
     m = features.run(features.Config(images=images_artifact, encoder=str(encoder_dir), out=features_artifact,
-                                     views=2, batch_size=4, num_workers=1), dist=Dist())  # runtime knob differs: fine
+                                     views=2, batch_size=4, num_workers=1), rt=Runtime())  # runtime knob differs: fine
     assert m.complete and (features_artifact / "manifest.json").stat().st_mtime_ns == mtime
 
 
@@ -206,11 +207,16 @@ def test_corrupt_image_inside_a_shard_is_skipped_and_counted(tmp_path, images_ar
     samples = list(read_tar_shard(art / name))
     bad_key = samples[1]["__key__"]
     ext = next(e for e in samples[1] if e in ("jpg", "png"))
-    samples[1][ext] = b"garbage"
-    write_tar_shard(art / name, samples)
+    samples[1][ext] = b"garbage"  # an images artifact that holds an undecodable image (e.g. adopted from tars)
+    rec = write_tar_shard(art / name, samples)
+    manifest = json.loads((art / "manifest.json").read_text())
+    for s in manifest["shards"]:
+        if s["name"] == name:
+            s.update(bytes=rec["bytes"], sha256=rec["sha256"])
+    (art / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TooManyFailures, match=bad_key):
-        features.run(_cfg(art, encoder_dir, tmp_path / "f"), dist=Dist())
-    m = features.run(_cfg(art, encoder_dir, tmp_path / "g", max_failed_fraction=0.1), dist=Dist())
+        features.run(_cfg(art, encoder_dir, tmp_path / "f"), rt=Runtime())
+    m = features.run(_cfg(art, encoder_dir, tmp_path / "g", max_failed_fraction=0.1), rt=Runtime())
     assert m.counts["failed"] == 1 and m.failures[0]["key"] == bad_key and m.counts["written"] == 23
     assert bad_key not in {k for _, k, _, _ in FeatureShards(tmp_path / "g").iter("train")}
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from pipeline import latents_store, shards
 from pipeline.config import command_from_config, config_from_dict, config_to_dict, opt
 from pipeline.manifest import ConfigMismatch, Manifest, OutputDir, UserError, read_manifest, require_complete, ArtifactError
-from pipeline.runtime import Dist, stable_seed, torch_generator
+from pipeline.runtime import Runtime, stable_seed, torch_generator
 
 
 def test_plan_covers_every_index_once_and_rank_split_partitions():
@@ -24,7 +24,7 @@ def test_plan_covers_every_index_once_and_rank_split_partitions():
     assert [(s.start, s.stop) for s in plan] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
     assert plan[3].name == "x-000003.tar"
     for world in (1, 2, 3, 7):
-        parts = [shards.for_rank(plan, Dist(r, world)) for r in range(world)]
+        parts = [Runtime(r, world).share(plan) for r in range(world)]
         assert sorted(s.index for p in parts for s in p) == list(range(5))
 
 
@@ -73,8 +73,50 @@ def test_output_dir_noop_mismatch_and_overwrite(tmp_path):
         assert od.done and od.manifest.complete
     with pytest.raises(ConfigMismatch, match="a: 1 -> 2"):
         OutputDir(out, "s", {"a": 2}).__enter__()
-    with OutputDir(out, "s", {"a": 2}, overwrite=True) as od:
+    with OutputDir(out, "s", {"a": 2}, overwrite=True, owns=("x-*.tar",)) as od:
         assert not od.done and not (out / "x-000000.tar").exists()
+
+
+def test_overwrite_deletes_only_what_the_stage_wrote(tmp_path):
+    """A user's file in an artifact directory stops --overwrite before anything is deleted, naming the file."""
+    out = tmp_path / "art"
+    with OutputDir(out, "s", {"a": 1}, owns=("x-*.tar",)) as od:
+        (od.path / "x-000000.tar").write_bytes(b"abc")
+    (out / "thesis.tex").write_text("years of work")
+    (out / "photos").mkdir()
+    with pytest.raises(UserError, match=r"--overwrite would delete .*photos, which s did not write \(2 such"):
+        OutputDir(out, "s", {"a": 2}, overwrite=True, owns=("x-*.tar",)).__enter__()
+    assert (out / "thesis.tex").read_text() == "years of work" and (out / "x-000000.tar").exists()
+    (out / "thesis.tex").unlink(), (out / "photos").rmdir()
+    with OutputDir(out, "s", {"a": 2}, overwrite=True, owns=("x-*.tar",)):
+        assert sorted(p.name for p in out.iterdir()) == [".config.json", ".lock"]
+
+
+def test_a_folder_of_user_files_another_stage_or_a_file_is_refused(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
+    with pytest.raises(UserError, match="not a s artifact .*thesis.tex"):
+        OutputDir(mine, "s", {}, overwrite=True).__enter__()
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]  # not even a lock file left
+    images = tmp_path / "images"
+    with OutputDir(images, "images", {}) as od:
+        od.finish(Manifest(stage="images", complete=True))
+    with pytest.raises(UserError, match="holds a images artifact, not a features one; --overwrite never"):
+        OutputDir(images, "features", {}, overwrite=True).__enter__()
+    assert (images / "manifest.json").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is an existing file"):
+        OutputDir(tmp_path / "file", "s", {}).__enter__()
+
+
+@pytest.mark.parametrize("where", ["equal", "inside", "around"])
+def test_out_may_not_overlap_an_input(tmp_path, where):
+    inp = tmp_path / "in" / "art"
+    inp.mkdir(parents=True)
+    out = {"equal": inp, "inside": inp / "sub", "around": tmp_path / "in"}[where]
+    with pytest.raises(UserError, match="overlaps the input"):
+        OutputDir(out, "s", {}, inputs=[inp]).__enter__()
 
 
 def test_committed_ignores_records_whose_shard_is_gone_or_short(tmp_path):
