@@ -6,6 +6,11 @@ the train split and scored on the held-out val split. Only its coefficients are 
 pickle), and prediction is our own numpy code, so the stored parameters are exactly what the val accuracy measures.
 `flatdino fid --classifier DIR` uses it for class-consistency: the share of generated samples classified as the
 class they were conditioned on.
+
+The artifact also holds what the demo's other metrics (`pipeline.demo_metrics`) need: a feature network, a
+one-hidden-layer ReLU MLP fitted on the same grids (L-BFGS, the same L2 strength), whose hidden layer is the
+feature space of the demo's precision/recall (the role Inception's pool_3 plays on ImageNet), and the grids of the
+real train and val digits, the reference of within-class diversity and precision/recall.
 """
 
 from __future__ import annotations
@@ -41,23 +46,52 @@ class Config(Checked):
     grid: int = field(default=8, metadata=opt("side of the area-averaged grayscale grid (8 = the digits' own)", min=1))
     c: float = field(default=1.0, metadata=opt("inverse L2 regularisation strength of the logistic regression", min=0, min_open=True))
     max_iter: int = field(default=2000, metadata=opt("L-BFGS iterations", min=1))
+    hidden: int = field(default=64, metadata=opt(
+        "ReLU units of the feature network (its activations are the demo's precision/recall feature space)", min=1))
+    net_max_iter: int = field(default=200, metadata=opt("L-BFGS iterations of the feature network", min=1))
+    seed: int = field(default=0, metadata=opt("seed of the feature network's initial weights"))
     min_val_accuracy: float = field(default=0.9, metadata=opt(
         "refuse to write a classifier whose held-out accuracy is below this (it would make class-consistency noise)", min=0, max=1))
     overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
                                                         runtime=True))
 
 
+class FeatureNet(NamedTuple):
+    """The hidden layer of a one-hidden-layer ReLU MLP trained to classify the grids: the demo's feature space."""
+
+    w1: np.ndarray  # (grid*grid, H)
+    b1: np.ndarray  # (H,)
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """Grids (N, grid*grid) in [0, 1] -> activations (N, H) float64."""
+        return np.maximum(np.asarray(x, dtype=np.float64) @ self.w1 + self.b1, 0.0)
+
+
+class RealDigits(NamedTuple):
+    """Real digits of one split as the classifier sees them."""
+
+    grid: np.ndarray  # (N, grid*grid) float64 in [0, 1]
+    label: np.ndarray  # (N,) int64
+
+
 class DigitClassifier(NamedTuple):
-    """Linear softmax classifier on area-averaged grayscale grids."""
+    """Linear softmax classifier on area-averaged grayscale grids (+ the feature network and the real digits)."""
 
     coef: np.ndarray  # (C, grid*grid)
     intercept: np.ndarray  # (C,)
     grid: int
+    net: FeatureNet | None = None  # None in artifacts written before the demo metrics
+    train: RealDigits | None = None
+    val: RealDigits | None = None
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 images (N, H, W, 3) -> predicted class indices (N,) int64."""
         x = to_grid(images, self.grid)
         return np.argmax(x @ self.coef.T + self.intercept, axis=1).astype(np.int64)
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (N, H, W, 3) -> feature-network activations (N, hidden)."""
+        return self.net.features(to_grid(images, self.grid))
 
 
 def to_grid(images: np.ndarray, grid: int, chunk: int = 256) -> np.ndarray:
@@ -96,7 +130,11 @@ def load_classifier(path: str | Path) -> tuple[DigitClassifier, Manifest]:
     """The classifier of a finished `train-classifier` artifact, and its manifest."""
     manifest = require_complete(path, STAGE)
     with np.load(Path(path) / WEIGHTS, allow_pickle=False) as z:
-        clf = DigitClassifier(z["coef"], z["intercept"], int(z["grid"]))
+        extra = {}
+        if "net_w1" in z.files:
+            extra = dict(net=FeatureNet(z["net_w1"], z["net_b1"]), train=RealDigits(z["train_grid"], z["train_label"]),
+                         val=RealDigits(z["val_grid"], z["val_label"]))
+        clf = DigitClassifier(z["coef"], z["intercept"], int(z["grid"]), **extra)
     return clf, manifest
 
 
@@ -110,6 +148,22 @@ def _fit(x: np.ndarray, y: np.ndarray, cfg: Config, num_classes: int) -> DigitCl
     return DigitClassifier(coef, intercept, cfg.grid)
 
 
+def _fit_net(x: np.ndarray, y: np.ndarray, cfg: Config) -> tuple[FeatureNet, object]:
+    """The feature network on grids (N, grid*grid): sklearn's MLP, L-BFGS, L2 alpha = 1 / c (the logistic
+    regression's penalty in sklearn's per-sample scaling); returns its hidden layer and the fitted model."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    model = MLPClassifier(hidden_layer_sizes=(cfg.hidden,), alpha=1.0 / cfg.c, solver="lbfgs",
+                          max_iter=cfg.net_max_iter, random_state=cfg.seed)
+    with warnings.catch_warnings():  # a fixed iteration budget is the recipe, not a failure
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x, y)
+    return FeatureNet(model.coefs_[0], model.intercepts_[0]), model
+
+
 def run(cfg: Config) -> Manifest:
     """Fit on the train split, score on val, store the coefficients and the accuracies."""
     t0 = time.time()
@@ -121,13 +175,17 @@ def run(cfg: Config) -> Manifest:
             return od.manifest
         (x_tr, y_tr), (x_val, y_val) = load_split(images, "train"), load_split(images, "val")
         clf = _fit(x_tr, y_tr, cfg, len(images.classes))
+        g_tr, g_val = to_grid(x_tr, cfg.grid), to_grid(x_val, cfg.grid)
+        net, net_model = _fit_net(g_tr, y_tr, cfg)
+        clf = clf._replace(net=net, train=RealDigits(g_tr, y_tr), val=RealDigits(g_val, y_val))
         val_pred = clf.predict(x_val)
         val_acc = float(np.mean(val_pred == y_val))
         if val_acc < cfg.min_val_accuracy:
             raise UserError(f"held-out accuracy {val_acc:.3f} is below --min-val-accuracy {cfg.min_val_accuracy}; "
                             f"this classifier cannot score class-consistency (wrong images artifact?)")
         buf = io.BytesIO()
-        np.savez(buf, coef=clf.coef, intercept=clf.intercept, grid=np.int64(clf.grid))
+        np.savez(buf, coef=clf.coef, intercept=clf.intercept, grid=np.int64(clf.grid), net_w1=net.w1, net_b1=net.b1,
+                 train_grid=g_tr, train_label=y_tr, val_grid=g_val, val_label=y_val)
         atomic_write_bytes(od.path / WEIGHTS, buf.getvalue())
         log.info("classifier: val accuracy %.4f on %d images", val_acc, len(y_val))
         return od.finish(Manifest(
@@ -137,7 +195,9 @@ def run(cfg: Config) -> Manifest:
             shards=[{"name": WEIGHTS, "sha256": file_sha256(od.path / WEIGHTS)}],
             extra={"val_accuracy": val_acc, "train_accuracy": float(np.mean(clf.predict(x_tr) == y_tr)),
                    "val_accuracy_per_class": per_class_accuracy(val_pred, y_val, len(images.classes)),
-                   "num_train": len(y_tr), "num_val": len(y_val), "classes": images.classes, "grid": cfg.grid},
+                   "num_train": len(y_tr), "num_val": len(y_val), "classes": images.classes, "grid": cfg.grid,
+                   "feature_net": {"hidden": cfg.hidden, "val_accuracy": float(net_model.score(g_val, y_val)),
+                                   "train_accuracy": float(net_model.score(g_tr, y_tr))}},
             timings={"seconds": round(time.time() - t0, 3)}))
 
 

@@ -1,0 +1,145 @@
+"""The demo's metrics: within-class diversity on the real digits, precision/recall in the classifier's feature space,
+grouping of sample artifacts by setting and seed, the report and its command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from pipeline import demo_metrics as dm
+from pipeline.manifest import ArtifactError, Manifest, write_manifest
+from stages import classifier, images
+
+SIZE = 64  # fixture images: 8 x 8 digits upscaled (nearest) to 64 px, a multiple of the 8 x 8 grid
+
+
+def _digit_rgb(pixels8: np.ndarray, size: int = SIZE) -> np.ndarray:
+    gray = np.round(pixels8 * (255.0 / 16.0)).astype(np.uint8)
+    return np.asarray(Image.fromarray(gray, mode="L").resize((size, size), Image.NEAREST).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def digits_classifier(tmp_path_factory) -> Path:
+    """A train-classifier artifact fitted on 600 real digits (60 per class, 25% held out)."""
+    root = tmp_path_factory.mktemp("digits")
+    d = load_digits()
+    for c in range(10):
+        (root / "src" / str(c)).mkdir(parents=True)
+        for j, i in enumerate(np.flatnonzero(d.target == c)[:60]):
+            Image.fromarray(_digit_rgb(d.images[i])).save(root / "src" / str(c) / f"{j:03d}.png")
+    images.run(images.Config(out=root / "img", source=str(root / "src"), shard_size=200, val_fraction=0.25))
+    classifier.run(classifier.Config(images=root / "img", out=root / "clf"))
+    return root / "clf"
+
+
+def fake_samples(out: Path, x: np.ndarray, y: np.ndarray, seed: int, cfg_scale: float) -> Path:
+    """A finished `sample` artifact (ADM samples.npz + manifest) holding the given uint8 images."""
+    out.mkdir(parents=True)
+    np.savez(out / "samples.npz", arr_0=x, arr_1=y)
+    extra = {"sampler": "euler", "steps": 50, "cfg_scale": cfg_scale, "cfg_interval": [0.3, 1.0], "per_class": 1,
+             "num_classes": 10, "num_samples": len(y), "seed": seed}
+    write_manifest(out, Manifest(stage="sample", complete=True, extra=extra,
+                                 models={"dit": {"path": "somewhere", "fingerprint": "dit-fp"}}))
+    return out
+
+
+def test_within_class_diversity_of_the_real_digits_is_36_1_from_raw_arrays_and_from_upscaled_images():
+    d = load_digits()
+    value, per_class = dm.within_class_diversity(d.data, d.target)
+    assert value == pytest.approx(36.115, abs=1e-3) and sorted(per_class) == list(range(10))
+    subset = np.concatenate([np.flatnonzero(d.target == c)[:30] for c in range(10)])
+    x = np.stack([_digit_rgb(d.images[i]) for i in subset])
+    grids = dm.digit_grids(x)
+    np.testing.assert_allclose(grids, d.data[subset], atol=16 / 255)  # the 0..255 rounding of the upscaled images
+    raw, _ = dm.within_class_diversity(d.data[subset], d.target[subset])
+    assert dm.within_class_diversity(grids, d.target[subset])[0] == pytest.approx(raw, rel=2e-3)
+
+
+def test_within_class_diversity_definition():
+    x = np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [9.0, 9.0]])
+    y = np.array([0, 0, 1, 1, 1, 2])  # class 2 has a single sample: no pair, left out
+    value, per_class = dm.within_class_diversity(x, y)
+    assert per_class[0] == pytest.approx(5.0)
+    assert per_class[1] == pytest.approx((np.sqrt(2) * 2 + 0.0) / 3)
+    assert 2 not in per_class and value == pytest.approx((per_class[0] + per_class[1]) / 2)
+    assert dm.within_class_diversity(np.ones((4, 3)), np.array([0, 0, 1, 1]))[0] == 0.0  # copies
+    with pytest.raises(ValueError, match="at least two"):
+        dm.within_class_diversity(np.ones((2, 3)), np.array([0, 1]))
+
+
+def test_spread_over_seeds():
+    s = dm.spread({0: 0.95, 1: 0.97, 2: 0.93})
+    assert s["value"] == pytest.approx(0.95) and s["spread"] == pytest.approx(0.04)
+    assert s["per_seed"] == {"0": 0.95, "1": 0.97, "2": 0.93} and s["std"] == pytest.approx(np.std([0.95, 0.97, 0.93]))
+
+
+def test_classifier_artifact_holds_the_feature_network_and_the_real_digits(digits_classifier):
+    clf, m = classifier.load_classifier(digits_classifier)
+    assert clf.train.grid.shape == (450, 64) and clf.val.grid.shape == (150, 64)
+    assert m.extra["feature_net"]["hidden"] == 64 and m.extra["feature_net"]["val_accuracy"] >= 0.9
+    x = np.stack([_digit_rgb(g.reshape(8, 8) * 16.0) for g in clf.val.grid[:5]])
+    feats = clf.features(x)
+    assert feats.shape == (5, 64) and (feats >= 0).all()
+    np.testing.assert_allclose(feats, clf.net.features(classifier.to_grid(x, 8)), atol=1e-12)
+
+
+def test_report_tells_real_digits_from_copies(digits_classifier, tmp_path):
+    """Held-out real digits score like data (ratio ~1, high recall); one repeated digit per class scores ratio 0 and
+    low recall, with the same class-consistency."""
+    clf, _ = classifier.load_classifier(digits_classifier)
+    grid, label = clf.val.grid, clf.val.label
+    x = np.stack([_digit_rgb(g.reshape(8, 8) * 16.0) for g in grid])
+    dirs = []
+    for seed in range(3):
+        pick = np.random.default_rng(seed).permutation(len(label))[:100]
+        dirs.append(fake_samples(tmp_path / f"real-{seed}", x[pick], label[pick], seed, 2.0))
+        first = np.array([np.flatnonzero(label == c)[seed] for c in label[pick]])  # the class's seed-th digit, repeated
+        dirs.append(fake_samples(tmp_path / f"copies-{seed}", x[first], label[pick], seed, 1.0))
+    rep = dm.report(digits_classifier, dirs, [])
+    real, copies = rep["settings"]
+    assert [s["cfg_scale"] for s in rep["settings"]] == [2.0, 1.0] and real["seeds"] == [0, 1, 2]
+    assert rep["reference"]["num_real"] == 450
+    assert rep["reference"]["diversity"] == pytest.approx(dm.within_class_diversity(clf.train.grid * 16,
+                                                                                   clf.train.label)[0])
+    assert 0.85 < real["diversity_ratio"]["value"] < 1.15 and real["recall"]["value"] > 0.5
+    assert real["precision"]["value"] > 0.7
+    assert copies["diversity_ratio"]["value"] == 0.0 and copies["recall"]["value"] < 0.2
+    for seed in range(3):  # per-seed values are the metrics of that seed's samples
+        one = dm.sample_metrics(x[np.random.default_rng(seed).permutation(len(label))[:100]],
+                                label[np.random.default_rng(seed).permutation(len(label))[:100]], clf,
+                                dm.reference(clf))
+        assert real["class_consistency"]["per_seed"][str(seed)] == pytest.approx(one["class_consistency"])
+        assert real["recall"]["per_seed"][str(seed)] == pytest.approx(one["recall"])
+    cc = real["class_consistency"]
+    assert cc["spread"] == pytest.approx(max(cc["per_seed"].values()) - min(cc["per_seed"].values()))
+    assert rep["summary"][0].startswith("w = 2: class-consistency") and "ratio" in rep["summary"][0]
+    assert rep["reference"]["real_val"]["diversity_ratio"] == pytest.approx(real["diversity_ratio"]["value"],
+                                                                             rel=0.1)
+
+
+def test_duplicate_seed_and_old_classifier_are_refused(digits_classifier, tmp_path):
+    clf, _ = classifier.load_classifier(digits_classifier)
+    x = np.stack([_digit_rgb(g.reshape(8, 8) * 16.0) for g in clf.val.grid[:20]])
+    a = fake_samples(tmp_path / "a", x, clf.val.label[:20], 0, 2.0)
+    b = fake_samples(tmp_path / "b", x, clf.val.label[:20], 0, 2.0)
+    with pytest.raises(ArtifactError, match="seed 0 appears twice"):
+        dm.report(digits_classifier, [a, b], [])
+    with pytest.raises(ArtifactError, match="older version"):
+        dm.reference(clf._replace(net=None))
+
+
+def test_command_line_writes_the_report(digits_classifier, tmp_path, capsys):
+    clf, _ = classifier.load_classifier(digits_classifier)
+    x = np.stack([_digit_rgb(g.reshape(8, 8) * 16.0) for g in clf.val.grid])
+    dirs = [fake_samples(tmp_path / f"s{k}", x, clf.val.label, k, 2.0) for k in range(2)]
+    out = tmp_path / "report" / "metrics.json"
+    with pytest.raises(SystemExit) as e:
+        dm.main(["--classifier", str(digits_classifier), "--out", str(out), *map(str, dirs)])
+    assert e.value.code == 0
+    rep = json.loads(out.read_text())
+    assert rep["settings"][0]["seeds"] == [0, 1] and capsys.readouterr().out.strip() == rep["summary"][0]
