@@ -352,11 +352,9 @@ class OutputDir:
         inputs = [k for k in diff if "fingerprint" in k or k in ("input", "images", "features", "samples",
                                                                   "reference")]
         why = (f" Its input changed since this run started ({', '.join(inputs)}): restore the input it was made "
-               f"from, or" if inputs else "")
-        return (
-            f"{self.path} already holds a {self.stage} artifact made with a different config ({shown}).{why} "
-            f"Use another --out, or pass --overwrite to delete it and start again."
-        )
+               f"from, use another --out, or pass --overwrite to delete this stage's files and start again."
+               if inputs else " Use another --out, or pass --overwrite to delete this stage's files and start again.")
+        return f"{self.path} already holds a {self.stage} artifact made with a different config ({shown}).{why}"
 
     def _wipe(self) -> None:
         """Delete what this stage wrote (checked in `_check_place`: nothing else is there)."""

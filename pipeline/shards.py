@@ -293,10 +293,17 @@ def _split_member(name: str) -> tuple[str, str]:
 
 
 def _check_end(tar: tarfile.TarFile, path: str | Path) -> None:
-    """A tar cut exactly at a member boundary reads as a shorter, valid archive: require the end-of-archive marker
-    (two zero blocks) that every complete tar has. Compressed tars are left to their codec's own checks."""
-    if isinstance(tar.fileobj, io.BufferedReader) and os.path.getsize(path) < tar.offset + 2 * tarfile.BLOCKSIZE:
+    """The archive ends where tarfile stopped reading: a tar cut exactly at a member boundary reads as a shorter,
+    valid archive, and tarfile also stops quietly at a damaged header in the middle. Require the end-of-archive
+    marker (two zero blocks) and nothing but zero padding after it."""
+    size = os.path.getsize(path)
+    if size < tar.offset + 2 * tarfile.BLOCKSIZE:
         raise tarfile.ReadError(f"no end-of-archive marker after byte {tar.offset} (cut at a member boundary)")
+    with open(path, "rb") as f:
+        f.seek(tar.offset)
+        while block := f.read(1 << 20):
+            if block.count(0) != len(block):
+                raise tarfile.ReadError(f"a damaged header at or after byte {tar.offset} ends the archive early")
 
 
 def index_tar_shard(path: str | Path) -> dict[str, dict[str, tuple[int, int]]]:

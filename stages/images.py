@@ -114,8 +114,9 @@ def _is_clutter(name: str) -> bool:
     return name.startswith(".") or name in CLUTTER
 
 
-def _folder_items(root: Path, classes: list[str], ignored: list[str]) -> list[Item]:
-    """Images below each class folder, recursively, in sorted path order; hidden files and clutter are ignored."""
+def _folder_items(root: Path, classes: list[str], ignored: list[str], base: Path) -> list[Item]:
+    """Images below each class folder, recursively, in sorted path order; hidden files and clutter are ignored.
+    Sources are named relative to `base` (the --source directory), so a moved source lists the same."""
     items = []
     for c, name in enumerate(classes):
         found = []
@@ -123,10 +124,10 @@ def _folder_items(root: Path, classes: list[str], ignored: list[str]) -> list[It
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for f in filenames:
                 p = Path(dirpath) / f
-                (ignored.append(str(p.relative_to(root.parent))) if _is_clutter(f) else found.append(p))
+                (ignored.append(str(p.relative_to(base))) if _is_clutter(f) else found.append(p))
         for p in sorted(found):
             ext = p.suffix.lower().lstrip(".").replace("jpeg", "jpg")
-            items.append(Item(str(p.relative_to(root.parent)), c, ext or "bin", p.stat().st_size, p.read_bytes))
+            items.append(Item(str(p.relative_to(base)), c, ext or "bin", p.stat().st_size, p.read_bytes))
     return items
 
 
@@ -151,13 +152,13 @@ def _imagefolder(root: Path, ignored: list[str]) -> tuple[list[str], dict[str, l
             raise UserError(f"{root / 'val'} has class folder(s) that {root / 'train'} lacks: {extra[:5]}; a class "
                             f"index is the sorted position among the train classes, so these cannot be labelled: "
                             f"add them to train/ or remove them from val/")
-        train = _folder_items(root / "train", classes, ignored)
+        train = _folder_items(root / "train", classes, ignored, root)
         _check_classes(root / "train", classes, train, "train")
-        return classes, {"train": train, "val": _folder_items(root / "val", classes, ignored)}
+        return classes, {"train": train, "val": _folder_items(root / "val", classes, ignored, root)}
     classes = _class_folders(root)
     if not classes:
         raise UserError(f"{root}: no class folders found (expected DIR/<class>/<image files>)")
-    items = _folder_items(root, classes, ignored)
+    items = _folder_items(root, classes, ignored, root)
     _check_classes(root, classes, items, "train")
     return classes, items
 
@@ -225,11 +226,11 @@ def enumerate_source(cfg: Config) -> Listing:
 
 
 def source_dirs(cfg: Config) -> list[Path]:
-    """The folders the source reads from (the output may not overlap them)."""
+    """The folder or tar files the source reads (the output may not overlap them)."""
     if cfg.source == "digits":
         return []
     if cfg.source.endswith(".tar") or "*" in cfg.source:
-        return sorted({Path(p).parent for p in glob.glob(cfg.source)})
+        return sorted(Path(p) for p in glob.glob(cfg.source))
     return [Path(cfg.source)]
 
 
