@@ -195,8 +195,8 @@ class GANConfig:
     `disc_start = 8`. Officially 16 epochs, batch 512; the decoder's own AdamW (0.9, 0.95), lr 2e-4 -> 2e-5, wd 0.
     """
 
-    disc_start_epoch: int = 6  # discriminator updates begin (FlatDINO `disc_start`, RAE `disc_upd_start`)
-    gan_start_epoch: int = 8  # GAN term enters the decoder's loss (FlatDINO `disc_gan_start`, RAE `disc_start`)
+    disc_start_epoch: float = 6  # discriminator updates begin (FlatDINO `disc_start`, RAE `disc_upd_start`)
+    gan_start_epoch: float = 8  # GAN term enters the decoder's loss (FlatDINO `disc_gan_start`, RAE `disc_start`)
     lpips_start_epoch: int = 0  # LPIPS from the start (FlatDINO / RAE `lpips_start`)
     gan_weight: float = 0.75  # FlatDINO `gan_weight`, RAE `disc_weight`
     lpips_weight: float = 1.0  # FlatDINO `lpips_weight`, RAE `perceptual_weight`
@@ -257,3 +257,85 @@ def disc_optimizer(disc, cfg: GANConfig = GANConfig()) -> torch.optim.AdamW:
     """AdamW over the discriminator's trainable (head) parameters with the official settings (lr at its peak)."""
     return torch.optim.AdamW(disc.trainable_parameters(), lr=cfg.disc_lr, betas=cfg.disc_betas,
                              weight_decay=cfg.disc_weight_decay, eps=cfg.disc_adam_eps)
+
+
+# ------------------------------------------------------------------------------------------------ the wiring
+
+
+def pack_draw(prefix: str, d: DiffAugDraw, batch: int) -> dict[str, torch.Tensor]:
+    """A DiffAugDraw of the whole global batch as (G, ...) tensors (the op coins repeated per sample), so the
+    trainer can slice it per micro-batch like every other draw."""
+    out = {}
+    for name, v in d._asdict().items():
+        out[f"{prefix}.{name}"] = torch.full((batch,), bool(v)) if isinstance(v, bool) else v
+    return out
+
+
+def unpack_draw(prefix: str, d: dict[str, torch.Tensor]) -> DiffAugDraw:
+    """Inverse of `pack_draw` for a micro-batch's slice."""
+    values = {name: d[f"{prefix}.{name}"] for name in DiffAugDraw._fields}
+    for coin in ("translate", "color", "cutout"):
+        values[coin] = bool(values[coin][0]) if len(values[coin]) else False
+    return DiffAugDraw(**values)
+
+
+class DecoderGAN:
+    """The adversarial part of pixel-decoder training for `pipeline.train`: the step's DiffAugment draws (for the
+    generator's term, the discriminator's fakes and its reals, each for the whole global batch, so they do not depend
+    on the world size or the micro-batch), the generator's term with the adaptive weight, and the discriminator as a
+    `pipeline.train.Objective`.
+
+    The adaptive weight is taken on the global batch: each process's gradients of rec and gan w.r.t. the last layer,
+    weighted by its share of the global batch, are summed over processes before the ratio (RAE and the official code
+    take it per device, which makes it depend on the world size). That needs one micro-batch per process.
+    """
+
+    def __init__(self, disc, cfg: GANConfig, steps_per_epoch: int, seed: int, global_batch: int, image_shape,
+                 last_layer: torch.Tensor, rt):
+        self.disc, self.cfg, self.spe, self.seed, self.g = disc, cfg, max(1, steps_per_epoch), seed, global_batch
+        self.shape, self.last_layer, self.rt = tuple(image_shape), last_layer, rt
+
+    def phase(self, step: int) -> GANPhase:
+        return gan_phase(step, self.spe, self.cfg)
+
+    def draw(self, step: int, device) -> dict[str, torch.Tensor]:
+        from pipeline.runtime import torch_generator
+
+        g = torch_generator(self.seed, "diffaug", step)  # CPU: the same augmentation on any device
+        out = {}
+        for name in ("gen", "fake", "real"):
+            out |= pack_draw(name, draw_diff_augment((self.g, *self.shape), self.cfg.policy, g), self.g)
+        return out
+
+    def generator_term(self, rec: torch.Tensor, fake_pm1: torch.Tensor, d: dict, step: int, share: float):
+        """(gan_weight * w * -mean D(aug(fake)), scalars) once the GAN phase began, else (0, {})."""
+        if not self.phase(step).use_gan:
+            return torch.zeros((), device=rec.device), {}
+        self.disc.eval()  # no power-iteration update in the generator's pass
+        logits = self.disc(apply_diff_augment(fake_pm1.clamp(-1.0, 1.0), unpack_draw("gen", d), self.cfg.policy))
+        gan = generator_adv_loss(logits)
+        g_rec = torch.autograd.grad(rec, self.last_layer, retain_graph=True)[0].float() * share
+        g_gan = torch.autograd.grad(gan, self.last_layer, retain_graph=True)[0].float() * share
+        both = self.rt.all_reduce_sum_(torch.stack([g_rec, g_gan]))  # the global batch's mean gradients
+        w = (both[0].norm() / (both[1].norm() + self.cfg.adaptive_eps)).clamp(0.0, self.cfg.max_d_weight).detach()
+        return self.cfg.gan_weight * w * gan, {"gan": gan.detach(), "adaptive_weight": w}
+
+    def objective(self, decode_pm1):
+        """The discriminator's update, after the decoder's: `decode_pm1(batch, draws)` gives the updated decoder's
+        images in [-1, 1] (no grad) and the real ones."""
+        from pipeline.train import Objective
+
+        def loss(disc, batch, d, step):
+            fake, real = decode_pm1(batch, d)
+            disc.train()
+            logits_fake = disc(apply_diff_augment(quantize_pm1(fake), unpack_draw("fake", d), self.cfg.policy))
+            logits_real = disc(apply_diff_augment(real.clamp(-1.0, 1.0), unpack_draw("real", d), self.cfg.policy))
+            hinge = hinge_d_loss(logits_real, logits_fake)
+            return hinge, {"accuracy": (logits_real > logits_fake).float().mean(),
+                           "logits_real": logits_real.detach().float().mean(),
+                           "logits_fake": logits_fake.detach().float().mean()}
+
+        start = self.cfg.disc_start_epoch * self.spe
+        return Objective("disc", self.disc, disc_optimizer(self.disc, self.cfg), loss,
+                         lambda step: disc_lr(step - start, self.spe, self.cfg),
+                         active=lambda step: self.phase(step).train_disc, state=self.disc.heads)

@@ -81,6 +81,21 @@ class Event(NamedTuple):
     checkpoint: bool = False
 
 
+class Objective(NamedTuple):
+    """A second network trained in the same step after the main update (a GAN discriminator), on the step's
+    micro-batches and draws: `loss(module, batch, draws, step) -> (loss, scalars)`, weighted and all-reduced as the
+    main one, only at steps where `active(step)`; `state` is what its checkpoint holds (default: the module)."""
+
+    name: str
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[nn.Module, Any, dict, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    lr: Callable[[int], float]
+    active: Callable[[int], bool] = lambda step: True
+    clip: float | None = None
+    state: nn.Module | None = None
+
+
 @dataclass
 class Recipe:
     """What a training stage supplies to `Trainer` (see the module docstring)."""
@@ -99,6 +114,7 @@ class Recipe:
     events: list[Event] = field(default_factory=list)
     derive: Callable[[dict], dict] = lambda scalars: scalars  # logged scalars from the global means
     title: str = "training"
+    extra: list[Objective] = field(default_factory=list)
 
 
 class TrainingDiverged(UserError):
@@ -188,6 +204,7 @@ class Trainer:
         if opts.compile:
             self.raw.compile()
         self.model = self.acc.prepare(recipe.model) if rt.distributed else recipe.model
+        self.extra = [(o, self.acc.prepare(o.module) if rt.distributed else o.module) for o in recipe.extra]
         self.ema = ema if ema is not None else (copy.deepcopy(recipe.model).requires_grad_(False).eval()
                                                 if recipe.ema else None)
         self.ckpt = Checkpoints(out, opts.keep)
@@ -195,32 +212,39 @@ class Trainer:
         self.seed = seed
         self._pool: ThreadPoolExecutor | None = None
         self._signals = _Signals()
+        self._step = None
         self._pending: dict = {}
 
     # ------------------------------------------------------------------------------------------- state
 
     def _modules(self) -> dict[str, nn.Module]:
-        return {"model": self.raw, **({"ema": self.ema} if self.ema is not None else {})}
+        mods = {"model": self.raw, **({"ema": self.ema} if self.ema is not None else {})}
+        return mods | {o.name: o.state if o.state is not None else o.module for o in self.r.extra}
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer": self.r.optimizer} | {f"{o.name}_optimizer": o.optimizer for o in self.r.extra}
 
     def save(self) -> Path | None:
         """Checkpoint the current step (main process writes; every process waits)."""
         path = None
         if self.rt.is_main:
-            tensors, meta = optimizer_tensors(self.r.optimizer)
-            states = {n: m.state_dict() for n, m in self._modules().items()} | {"optimizer": tensors}
-            path = self.ckpt.save(self.state["step"], states, {**self.state, "optimizer": meta})
+            states, metas = {n: m.state_dict() for n, m in self._modules().items()}, {}
+            for name, optimizer in self._optimizers().items():
+                states[name], metas[name] = optimizer_tensors(optimizer)
+            path = self.ckpt.save(self.state["step"], states, {**self.state, "optimizers": metas})
         self.rt.barrier()
         return path
 
     def resume(self) -> int:
         """Load the newest readable checkpoint (if any); returns the step to continue from."""
-        saved = self.ckpt.load([*self._modules(), "optimizer"], "cpu", warn=log.warning)
+        saved = self.ckpt.load([*self._modules(), *self._optimizers()], "cpu", warn=log.warning)
         if saved is None:
             return 0
         for name, module in self._modules().items():
             module.load_state_dict(saved.states[name], strict=True)
-        meta = saved.trainer.pop("optimizer")
-        self.r.optimizer.load_state_dict(optimizer_state(saved.states["optimizer"], meta))
+        metas = saved.trainer.pop("optimizers")
+        for name, optimizer in self._optimizers().items():
+            optimizer.load_state_dict(optimizer_state(saved.states[name], metas[name]))
         self.state = saved.trainer
         log.info("resuming from step %d (%s)", saved.step, saved.path)
         return saved.step
@@ -242,8 +266,14 @@ class Trainer:
         self._pending[(step, sl.start)] = self._pool.submit(self.r.feed, step, sl)
 
     def update(self, step: int) -> tuple[dict, bool]:
-        """One optimizer update over global batch `step`; returns (global-mean scalars, whether any rank stops)."""
-        return self._apply(step, self.accumulate(step))
+        """One optimizer update over global batch `step` (then the extra objectives'); returns (global-mean scalars,
+        whether any rank stops)."""
+        scalars, stop = self._apply(step, self.accumulate(step))
+        for objective, wrapped in self.extra:
+            if objective.active(step):
+                scalars |= self._extra_update(step, objective, wrapped)
+        self._step = None
+        return scalars, stop
 
     def accumulate(self, step: int) -> dict[str, torch.Tensor]:
         """This process's share of global batch `step` into `.grad` (each micro-batch weighted by its share of the
@@ -252,9 +282,12 @@ class Trainer:
         slices = micro_slices(G, r.micro_batch, self.rt)
         draws = r.draw(step, self.rt.device)
         sums: dict[str, torch.Tensor] = {}
+        self._step = (draws, []) if self.extra else None  # the extra objectives see the same batches and draws
         for i, sl in enumerate(slices):
             nxt = (step, slices[i + 1]) if i + 1 < len(slices) else (step + 1, slices[0])
             batch = self._batch(step, sl)
+            if self._step is not None:
+                self._step[1].append((sl, batch))
             self._prefetch(*nxt)
             part = {k: v[sl.start : sl.stop] for k, v in draws.items()}
             sync = contextlib.nullcontext() if i == len(slices) - 1 else self.acc.no_sync(self.model)
@@ -267,6 +300,41 @@ class Trainer:
                 v = v.detach().float().reshape(-1) * w
                 sums[k] = sums[k] + v if k in sums else v
         return sums
+
+    def _extra_update(self, step: int, o: Objective, wrapped: nn.Module) -> dict:
+        """One update of an extra objective over this step's micro-batches (weighted as the main loss)."""
+        draws, batches = self._step
+        G, sums = self.r.global_batch, {}
+        o.optimizer.zero_grad(set_to_none=True)  # drop what the main loss's backward left in its parameters
+        for i, (sl, batch) in enumerate(batches):
+            sync = contextlib.nullcontext() if i == len(batches) - 1 else self.acc.no_sync(wrapped)
+            w = len(sl) / G
+            with sync:
+                with self.rt.autocast():
+                    loss, scalars = o.loss(wrapped, batch, {k: v[sl.start : sl.stop] for k, v in draws.items()}, step)
+                (loss * (w * self.rt.world)).backward()
+            for k, v in {"loss": loss, **scalars}.items():
+                v = v.detach().float().reshape(-1) * w
+                sums[k] = sums[k] + v if k in sums else v
+        keys = list(sums)
+        flat = self.rt.all_reduce_sum_(torch.cat([sums[k] for k in keys]))
+        params = [p for p in wrapped.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, o.clip if o.clip else math.inf))
+        values = flat.cpu().tolist()
+        if not (math.isfinite(values[0]) and math.isfinite(norm)):
+            o.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"{o.name}: " + self._diverged(step, values[0], norm))
+        lr = o.lr(step)
+        for group in o.optimizer.param_groups:
+            group["lr"] = lr
+        o.optimizer.step()
+        o.optimizer.zero_grad(set_to_none=True)
+        out, pos = {}, 0
+        for k in keys:
+            n = sums[k].numel()
+            out[f"{o.name}_{k}"] = values[pos] if n == 1 else values[pos : pos + n]
+            pos += n
+        return out | {f"{o.name}_lr": lr, f"{o.name}_grad_norm": norm}
 
     def _apply(self, step: int, sums: dict[str, torch.Tensor]) -> tuple[dict, bool]:
         keys = list(sums)

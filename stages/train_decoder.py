@@ -5,7 +5,8 @@ DINOv2 features, L1 + LPIPS (+ GAN) in pixel space, EMA weights); the network is
 `AutoencoderRAE`, so the output directory is a complete RAE directory that `models.encoder.load_rae` reads.
 
 Departures, all deliberate:
-- No GAN / discriminator term (RAE adds one after a warm-up); L1 (+ optional LPIPS) only.
+- The GAN term is optional (`--gan`, `pipeline.gan`): RAE's DINO discriminator, DiffAugment and adaptive weight,
+  with the weight taken on the global batch (RAE: per device) so the result does not depend on the world size.
 - The update, checkpoints and resume are the shared trainer's (`pipeline.train`).
 - L1 is taken in the decoder's own ImageNet-normalised output space.
 - Feature noise (RAE's tau): per sample sigma ~ U[0, tau], tokens + sigma * N(0, I), drawn from generators seeded by
@@ -34,6 +35,7 @@ from pipeline.manifest import local_dirs, ArtifactError, Manifest, OutputDir, Us
     file_sha256
 from pipeline.runtime import Runtime, environment, get_logger, launch, torch_generator
 from pipeline.shards import FeatureShards, ImageShards, PairData
+from pipeline.gan import DecoderGAN, GANConfig
 from pipeline.train import Ema, Event, Recipe, Trainer, TrainOptions
 
 log = get_logger(__name__)
@@ -108,6 +110,18 @@ class Config(TrainOptions):
     lpips_weights: Path | None = field(default=None, metadata=opt(
         "local LPIPS file (.safetensors/.pth): torchvision VGG16 `features.*` + LPIPS v0.1 `lin{k}.model.1.weight`", runtime=True))
     lpips_weight: float = field(default=1.0, metadata=opt("weight of the LPIPS term", min=0))
+    gan: bool = field(default=False, metadata=opt(
+        "add RAE's adversarial term: a frozen DINO ViT-S/8 discriminator backbone with trainable heads, DiffAugment, "
+        "the adaptive GAN weight; the discriminator trains from --disc-start-epoch, the GAN term enters the loss at "
+        "--gan-start-epoch (off for the packaged RAE decoder, which is used frozen)"))
+    disc_backbone: str = field(default="facebook/dino-vits8", metadata=opt(
+        "discriminator backbone: a local transformers ViT directory or a hub id (cached or online); pinned by its "
+        "fingerprint", runtime=True))
+    gan_weight: float = field(default=0.75, metadata=opt("weight of the adaptive GAN term (RAE disc_weight)", min=0))
+    disc_start_epoch: float = field(default=6, metadata=opt("epoch at which the discriminator starts training",
+                                                            min=0))
+    gan_start_epoch: float = field(default=8, metadata=opt("epoch at which the GAN term enters the decoder's loss",
+                                                           min=0))
     eval_every: int | None = field(default=None, metadata=opt("validation PSNR + grid every N steps [preset]", min=1))
     eval_samples: int = field(default=64, metadata=opt("validation images used for PSNR", min=1))
     grid_samples: int = field(default=8, metadata=opt("validation images shown in the reconstruction grids", min=1))
@@ -215,16 +229,28 @@ def draw_noise(cfg: Config, step: int, shape: tuple[int, int], device) -> dict:
     return {"sigma": sigma, "eps": torch.randn(cfg.batch_size, *shape, generator=g, device=device)}
 
 
-def decoder_loss(model, batch, d: dict, cfg: Config, lp: LPIPS | None):
-    """L1 (normalised pixel space) + lpips_weight * LPIPS of one micro-batch of (features, uint8 targets)."""
+def decoder_loss(model, batch, d: dict, step: int, cfg: Config, lp: LPIPS | None, gan: DecoderGAN | None):
+    """L1 (normalised pixel space) + lpips_weight * LPIPS (+ the adaptive GAN term) of one micro-batch of
+    (features, uint8 targets)."""
     feats, target = batch
-    if d:
+    if "sigma" in d:
         feats = feats + d["sigma"] * d["eps"]
     target = to_normalized_pixels(target)
     pred = model(feats).float()  # (B, 3, 256, 256) normalised
     l1 = (pred - target).abs().mean()
     lpips = _lpips_term(lp, pred, target) if lp is not None else torch.zeros((), device=pred.device)
-    return l1 + cfg.lpips_weight * lpips, {"l1": l1, "lpips": lpips}
+    rec = l1 + cfg.lpips_weight * lpips
+    if gan is None:
+        return rec, {"l1": l1, "lpips": lpips}
+    adv, scalars = gan.generator_term(rec, to_pm1(pred), d, step, len(feats) / cfg.batch_size)
+    return rec + adv, {"l1": l1, "lpips": lpips, **scalars}
+
+
+def to_pm1(pred: torch.Tensor) -> torch.Tensor:
+    """Normalised decoder output (B, 3, H, W) -> images in [-1, 1] (what the discriminator judges)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=pred.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=pred.device).view(1, 3, 1, 1)
+    return (pred * std + mean) * 2 - 1
 
 
 def _lpips_term(lp: LPIPS, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -233,19 +259,44 @@ def _lpips_term(lp: LPIPS, pred: torch.Tensor, target: torch.Tensor) -> torch.Te
     return lp((pred * std + mean) * 2 - 1, (target * std + mean) * 2 - 1).mean()
 
 
-def recipe(cfg: Config, train: PairData, decoder: PixelDecoder, lp: LPIPS | None) -> Recipe:
+def recipe(cfg: Config, train: PairData, decoder: PixelDecoder, lp: LPIPS | None, rt: Runtime) -> Recipe:
     optimizer = torch.optim.AdamW(decoder.decoder.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.weight_decay)
     shape = (train.features.num_patches, train.features.dim)
+    gan = build_gan(cfg, train, decoder, rt) if cfg.gan else None
 
     def feed(step: int, sl: range):
         return train.rows(batch_rows(step, cfg.batch_size, len(train), cfg.seed)[sl.start : sl.stop])
 
+    def draw(step: int, device) -> dict:
+        return draw_noise(cfg, step, shape, device) | (gan.draw(step, device) if gan is not None else {})
+
+    @torch.no_grad()
+    def decode_pm1(batch, d):  # the discriminator's fakes: the updated decoder on the same noisy features
+        feats, target = batch
+        if "sigma" in d:
+            feats = feats + d["sigma"] * d["eps"]
+        return to_pm1(decoder(feats).float()), to_pm1(to_normalized_pixels(target))
+
     return Recipe(decoder, optimizer, cfg.steps, cfg.batch_size, cfg.micro_batch or cfg.batch_size,
                   lambda step: lr_at(step, cfg), feed,
-                  lambda model, batch, d, step: decoder_loss(model, batch, d, cfg, lp),
-                  lambda step, device: draw_noise(cfg, step, shape, device), ema=Ema(cfg.ema_decay, EMA_WARMUP),
-                  title="train-decoder")
+                  lambda model, batch, d, step: decoder_loss(model, batch, d, step, cfg, lp, gan), draw,
+                  ema=Ema(cfg.ema_decay, EMA_WARMUP), title="train-decoder",
+                  extra=[gan.objective(decode_pm1)] if gan is not None else [])
+
+
+def build_gan(cfg: Config, train: PairData, decoder: PixelDecoder, rt: Runtime) -> DecoderGAN:
+    """The discriminator (frozen backbone, fresh heads seeded by --seed) and the official GAN schedule."""
+    from models.discriminator import load_discriminator
+
+    if cfg.micro_batch and cfg.micro_batch < cfg.batch_size // rt.world:
+        raise UserError("--gan takes the adaptive GAN weight on the whole global batch: leave --micro-batch at 0 "
+                        "(one micro-batch per process)")
+    disc = load_discriminator(cfg.disc_backbone, seed=cfg.seed).to(rt.device)
+    gcfg = replace(GANConfig(), gan_weight=cfg.gan_weight, disc_start_epoch=cfg.disc_start_epoch,
+                   gan_start_epoch=cfg.gan_start_epoch)
+    return DecoderGAN(disc, gcfg, len(train) // cfg.batch_size, cfg.seed, cfg.batch_size, (3, 256, 256),
+                      decoder.decoder.decoder_pred.weight, rt)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -325,6 +376,12 @@ def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
               "features": features.manifest.fingerprint}
     if cfg.lpips_weights is not None:
         config["lpips_sha256"] = file_sha256(cfg.lpips_weights) if cfg.lpips_weights.exists() else None
+    if cfg.gan:
+        from models.discriminator import load_backbone
+
+        from models.encoder import state_fingerprint
+
+        config["disc_backbone_fingerprint"] = state_fingerprint(load_backbone(cfg.disc_backbone))
     with OutputDir(cfg.out, STAGE, config, overwrite=cfg.overwrite, rt=rt, owns=OWNS,
                    inputs=[cfg.images, cfg.features, *local_dirs(cfg.encoder)]) as od:
         if od.done:
@@ -334,8 +391,8 @@ def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
         decoder = PixelDecoder(rae).to(rt.device)
         train = PairData(images, features, "train", cfg.cache_mb << 20)
         val = PairData(images, features, "val" if features.num_samples("val") else "train", 256 << 20)
-        trainer = Trainer(recipe(cfg, train, decoder, lp.to(rt.device) if lp is not None else None), cfg, od.path,
-                          rt, cfg.seed)
+        trainer = Trainer(recipe(cfg, train, decoder, lp.to(rt.device) if lp is not None else None, rt), cfg,
+                          od.path, rt, cfg.seed)
         trainer.r.events.append(eval_event(cfg, val, trainer))
         trainer.fit()
         if not trainer.complete or not rt.is_main:

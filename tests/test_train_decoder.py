@@ -4,6 +4,7 @@ and the stage end to end (outputs loadable by load_rae, no-op re-run, refusal, b
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -260,3 +261,57 @@ def test_tiny_decoder_learns_the_digits(tmp_path, encoder_dir):
                          out=tmp_path / "dec", preset="demo", steps=250, eval_every=250, eval_samples=30, lpips="off"))
     final = m.extra["final"]
     assert final["val_psnr"] > final["baseline_psnr"] + 6, final
+
+
+# ------------------------------------------------------------------------------------------------------------ GAN
+
+
+@pytest.fixture(scope="module")
+def disc_backbone(tmp_path_factory):
+    from models.discriminator import init_backbone_dir
+
+    return init_backbone_dir(tmp_path_factory.mktemp("disc") / "vit", "tiny", seed=0)
+
+
+def _gan_cfg(images_artifact, features_artifact, encoder_dir, out, disc_backbone, **kw):
+    # 18 train samples x 2 views / batch 4 = 9 steps per epoch: the discriminator from step 2, the GAN term from 4
+    return _cfg(images_artifact, features_artifact, encoder_dir, out, **{
+        "steps": 8, "gan": True, "disc_backbone": str(disc_backbone), "disc_start_epoch": 0.2, "gan_start_epoch": 0.4,
+        "log_every": 1, **kw})
+
+
+def test_gan_phases_train_the_discriminator_and_resume_bitwise(tmp_path, images_artifact, features_artifact,
+                                                               encoder_dir, disc_backbone, crash_at):
+    """Through the GAN phase (discriminator from step 2, adversarial term from step 4) a run killed at update 5
+    resumes to the same decoder and the same discriminator heads (spectral-norm vectors included), bit for bit."""
+    from pipeline.checkpoint import load_tensors
+
+    clean = td.run(_gan_cfg(images_artifact, features_artifact, encoder_dir, tmp_path / "clean", disc_backbone))
+    log = json.loads((tmp_path / "clean" / "checkpoints" / "000000008" / "trainer.json").read_text())["log"]
+    assert "disc_loss" not in log[0] and "disc_loss" in log[2] and "gan" not in log[3] and "gan" in log[4]
+    assert all(0 < r["adaptive_weight"] <= 1e4 for r in log[4:])
+    plain = td.run(_cfg(images_artifact, features_artifact, encoder_dir, tmp_path / "plain", steps=8))
+    assert plain.extra["decoder_fingerprint"] != clean.extra["decoder_fingerprint"]  # the GAN term mattered
+    out = tmp_path / "killed"
+    disarm = crash_at(5)
+    with pytest.raises(Killed):
+        td.run(_gan_cfg(images_artifact, features_artifact, encoder_dir, out, disc_backbone))
+    disarm()
+    resumed = td.run(_gan_cfg(images_artifact, features_artifact, encoder_dir, out, disc_backbone))
+    assert (out / WEIGHTS_NAME).read_bytes() == (tmp_path / "clean" / WEIGHTS_NAME).read_bytes()
+    a = load_tensors(tmp_path / "clean" / "checkpoints" / "000000008" / "disc.safetensors")
+    b = load_tensors(out / "checkpoints" / "000000008" / "disc.safetensors")
+    assert a.keys() == b.keys() and any("_u" in k or "original" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.extra["decoder_fingerprint"] == clean.extra["decoder_fingerprint"]
+
+
+def test_gan_before_its_start_is_the_plain_recipe(tmp_path, images_artifact, features_artifact, encoder_dir,
+                                                  disc_backbone):
+    gan = td.run(_gan_cfg(images_artifact, features_artifact, encoder_dir, tmp_path / "g", disc_backbone,
+                          disc_start_epoch=5, gan_start_epoch=5))
+    plain = td.run(_cfg(images_artifact, features_artifact, encoder_dir, tmp_path / "p", steps=8))
+    assert gan.extra["decoder_fingerprint"] == plain.extra["decoder_fingerprint"]
+    with pytest.raises(UserError, match="--micro-batch at 0"):
+        td.run(_gan_cfg(images_artifact, features_artifact, encoder_dir, tmp_path / "m", disc_backbone,
+                        micro_batch=2))
