@@ -36,6 +36,7 @@ import torch
 
 from models import dit_dh
 from models.dit import PRESETS, DiT, DiTConfig
+from models.encoder import PixelDecoder, load_rae
 from models.flow import FlowDraw, default_kappa, flow_loss, shift_time
 from pipeline.checkpoint import publish
 from pipeline.config import command_from_config, config_to_dict as cfg_dict, opt
@@ -89,6 +90,19 @@ class Config(TrainOptions):
     log_every: int = field(default=100, metadata=opt("log scalars every N steps", runtime=True, min=1))
     sample_every: int = field(default=0, metadata=opt("sample grid every N steps (needs --flatdino and --rae)",
                                                       runtime=True, min=0))
+    eval_every: int = field(default=0, metadata=opt(
+        "every N steps: --eval-samples class-balanced EMA samples through --flatdino and --rae, FD-DINOv2 (and FID "
+        "when the Inception weights are present) against --eval-ref, logged, and best/ kept by --eval-metric (the "
+        "official best-by-gFID checkpoint); 0 = off", min=0))
+    eval_samples: int = field(default=1000, metadata=opt("samples per evaluation (balanced over the classes)", min=1))
+    eval_metric: Literal["fd_dinov2", "fid"] = field(default="fd_dinov2", metadata=opt("what best/ is chosen by"))
+    eval_steps: int = field(default=50, metadata=opt("Euler steps of the evaluation samples", min=1))
+    eval_cfg_scale: float = field(default=1.0, metadata=opt(
+        "guidance scale of the evaluation samples (the official monitor: 1.0)", min=0))
+    eval_ref: Path | None = field(default=None, metadata=opt("fid-ref artifact the evaluation compares with",
+                                                             runtime=True))
+    inception_weights: Path | None = field(default=None, metadata=opt(
+        "Inception weights for FID during evaluation (default: the torch hub cache; no download)", runtime=True))
     flatdino: Path | None = field(default=None, metadata=opt("train-vae run, for sample grids", runtime=True))
     rae: Path | None = field(default=None, metadata=opt("RAE dir with the pixel decoder, for sample grids",
                                                         runtime=True))
@@ -293,29 +307,33 @@ def recipe(cfg: Config, data: LatentData, rt: Runtime, dit: DiTConfig) -> Recipe
                   clip=cfg.grad_clip, ema=Ema(cfg.ema_decay), derive=by_time, title="train-dit")
 
 
+def ema_chain(cfg: Config, trainer: Trainer, data: LatentData, kappa: float):
+    """The sampling chain around the live EMA model (FlatDINO of --flatdino, pixel decoder of --rae), loaded once."""
+    from pipeline.evaluation import decoders
+    from pipeline.sampling import Chain
+
+    if not hasattr(trainer, "_chain"):
+        device = trainer.rt.device
+        vae, vae_cfg, pixels = decoders(cfg.flatdino, cfg.rae, device)
+        std = (data.mean.to(device), data.std.to(device)) if cfg.standardize_latents else (None, None)
+        trainer._chain = Chain(trainer.ema, vae, pixels, kappa, *std, data.num_classes, tuple(vae_cfg.latent_shape),
+                               {}, {})
+    return trainer._chain
+
+
 def grid_event(cfg: Config, trainer: Trainer, data: LatentData, kappa: float) -> Event:
     """Every --sample-every steps: 8 classes x 4 EMA samples through FlatDINO and the pixel decoder (PNG + tracker)."""
-    from models.encoder import PixelDecoder, load_rae
     from models.flow import class_balanced_labels
-    from pipeline.artifacts import load_flatdino
     from pipeline.grids import save_grid
-    from pipeline.sampling import Chain, Sampling, check_decoder, generate
-
-    device, loaded = trainer.rt.device, {}
+    from pipeline.sampling import Sampling, generate
 
     def fn(step: int) -> None:
         if not trainer.rt.is_main:
             return None
-        if not loaded:
-            vae, vae_cfg, vae_m = load_flatdino(cfg.flatdino, "best", device)
-            rae = load_rae(cfg.rae)
-            check_decoder(rae, vae_m, str(cfg.rae))
-            std = (data.mean.to(device), data.std.to(device)) if cfg.standardize_latents else (None, None)
-            loaded["chain"] = Chain(trainer.ema, vae.eval(), PixelDecoder(rae).to(device).eval(), kappa, *std,
-                                    data.num_classes, tuple(vae_cfg.latent_shape), {}, {})
         classes, per = min(8, data.num_classes), 4
         labels = class_balanced_labels(classes, per)
-        images = generate(loaded["chain"], Sampling(seed=cfg.seed), list(range(len(labels))), labels, device)
+        images = generate(ema_chain(cfg, trainer, data, kappa), Sampling(seed=cfg.seed), list(range(len(labels))),
+                          labels, trainer.rt.device)
         path = save_grid(cfg.out / "samples" / f"step-{step:09d}.png",
                          [images[c * per : (c + 1) * per] for c in range(classes)])
         from PIL import Image
@@ -324,6 +342,31 @@ def grid_event(cfg: Config, trainer: Trainer, data: LatentData, kappa: float) ->
         return None
 
     return Event("samples", cfg.sample_every, fn)
+
+
+def eval_event(cfg: Config, trainer: Trainer, data: LatentData, dit, kappa: float) -> Event:
+    """Every --eval-every steps (all processes): the metrics of pipeline.evaluation; best/ on improvement. A
+    checkpoint follows each evaluation, so a resumed run never evaluates a step again."""
+    from pipeline.evaluation import evaluate, open_eval
+    from pipeline.sampling import Sampling
+
+    setup = open_eval(cfg.eval_ref, cfg.rae, cfg.inception_weights, trainer.rt.device)
+    if cfg.eval_metric == "fid" and setup.inception is None:
+        raise UserError(f"--eval-metric fid needs the Inception weights ({setup.inception_info['reason']})")
+    how = Sampling(seed=cfg.seed, steps=cfg.eval_steps, cfg_scale=cfg.eval_cfg_scale)
+
+    def fn(step: int) -> dict:
+        result = evaluate(setup, ema_chain(cfg, trainer, data, kappa), how, cfg.eval_samples, data.num_classes,
+                          trainer.rt)
+        log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "samples"))
+        best = trainer.state["stage"].get("best")
+        if best is None or result[cfg.eval_metric] < best[cfg.eval_metric]:
+            trainer.state["stage"]["best"] = {"step": step, **result}
+            if trainer.rt.is_main:
+                publish_final(cfg, trainer, dit, data, name="best", extra={"eval.json": {"step": step, **result}})
+        return result
+
+    return Event("eval", cfg.eval_every, fn, checkpoint=True)
 
 
 # ------------------------------------------------------------------------------------------------ stage
@@ -337,6 +380,13 @@ def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
                  cfg.preset, cfg.kappa, cfg.standardize_latents)
     config = {**cfg_dict(cfg, semantic_only=True),
               "latents_fingerprint": require_complete(cfg.latents, "latents").fingerprint}
+    if cfg.eval_every:  # best/ depends on what the evaluation compares with
+        if cfg.eval_ref is None or cfg.flatdino is None or cfg.rae is None:
+            raise UserError("--eval-every needs --eval-ref (a fid-ref artifact), --flatdino (the train-vae run) and "
+                            "--rae (the pixel decoder's RAE directory)")
+        config |= {"eval_ref_fingerprint": require_complete(cfg.eval_ref, "fid_ref").fingerprint,
+                   "eval_vae_fingerprint": require_complete(cfg.flatdino, "train_vae").fingerprint,
+                   "eval_decoder_fingerprint": PixelDecoder(load_rae(cfg.rae)).fingerprint}
     rt = rt or launch(cfg.device, cfg.precision)
     with OutputDir(cfg.out, "train_dit", config, overwrite=cfg.overwrite, rt=rt, owns=OWNS,
                    inputs=[cfg.latents, cfg.flatdino, cfg.rae]) as od:
@@ -348,6 +398,8 @@ def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
         trainer = Trainer(recipe(cfg, data, rt, dit), cfg, od.path, rt, cfg.seed)
         if cfg.sample_every and cfg.flatdino and cfg.rae:
             trainer.r.events.append(grid_event(cfg, trainer, data, resolved_kappa(cfg, dit)))
+        if cfg.eval_every:
+            trainer.r.events.append(eval_event(cfg, trainer, data, dit, resolved_kappa(cfg, dit)))
         trainer.fit()
         if not trainer.complete or not rt.is_main:
             return None
@@ -357,12 +409,14 @@ def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
         return od.finish(_manifest(cfg, trainer, dit, data, rt, time.time() - t0))
 
 
-def publish_final(cfg: Config, trainer: Trainer, dit: DiTConfig, data: LatentData) -> None:
-    """`<out>/ckpt/`: model, EMA, latent statistics and config, what `sample` loads."""
-    publish(cfg.out, "ckpt", {"model.safetensors": trainer.raw.state_dict(),
-                              "ema.safetensors": trainer.ema.state_dict(),
-                              "latent_stats.safetensors": {"mean": data.mean, "std": data.std}},
-            {"config.json": checkpoint_config(cfg, dit, data, trainer.state["step"])})
+def publish_final(cfg: Config, trainer: Trainer, dit, data: LatentData, name: str = "ckpt",
+                  extra: dict | None = None) -> None:
+    """`<out>/<name>/` (ckpt/ at the end, best/ on an evaluation's improvement): model, EMA, latent statistics and
+    config, what `sample` loads."""
+    publish(cfg.out, name, {"model.safetensors": trainer.raw.state_dict(),
+                            "ema.safetensors": trainer.ema.state_dict(),
+                            "latent_stats.safetensors": {"mean": data.mean, "std": data.std}},
+            {"config.json": checkpoint_config(cfg, dit, data, trainer.state["step"]), **(extra or {})})
 
 
 def _manifest(cfg: Config, trainer: Trainer, dit: DiTConfig, data: LatentData, rt: Runtime, seconds: float):
@@ -375,10 +429,12 @@ def _manifest(cfg: Config, trainer: Trainer, dit: DiTConfig, data: LatentData, r
                     counts={"written": cfg.steps, "skipped": 0, "failed": 0},
                     extra={"kappa": resolved_kappa(cfg, dit), "standardize_latents": cfg.standardize_latents,
                            "step": cfg.steps, "arch": cfg.arch, "dit": dataclasses.asdict(dit),
-                           "experiment": cfg.experiment,
+                           "experiment": cfg.experiment, "precision": rt.precision,
                            "final_loss": history[-1]["loss"] if history else None,
-                           "precision": rt.precision, "world_size": rt.world},
-                    versions=environment(), timings={"train_seconds_this_run": seconds}, complete=True)
+                           "best": trainer.state["stage"].get("best"),
+                           "evals": trainer.state["events"].get("eval", [])},
+                    versions=environment(), complete=True,  # the world size is how, not what: not in the fingerprint
+                    timings={"train_seconds_this_run": seconds, "world_size": rt.world})
 
 
 def _summary(m: Manifest) -> str:

@@ -250,3 +250,69 @@ def test_official_generator_names_resolve_and_are_recorded(latents, tmp_path):
         train_dit.run(config(latents, tmp_path / "b", experiment="dits-kappa3", preset="XL", kappa=2.0))
     with pytest.raises(UserError, match="-xpred"):
         train_dit.run(config(latents, tmp_path / "c", experiment="ditxl-xpred", preset="XL"))
+
+
+@pytest.fixture(scope="module")
+def eval_chain(tmp_path_factory, images_artifact, features_artifact, encoder_dir):
+    """A real chain for in-training evaluation: a VAE on the tiny encoder's features, its latents, a fid-ref."""
+    import stages.fid as fid
+    import stages.latents as lt
+    import stages.train_vae as tv
+
+    root = tmp_path_factory.mktemp("eval")
+    tv.run(tv.Config(out=root / "vae", features=features_artifact, preset="demo", variant="demo", steps=2,
+                     global_batch=6, micro_batch=6, num_workers=1, device="cpu"))
+    lt.run(lt.Config(features=features_artifact, vae=root / "vae", out=root / "lat", shard_samples=8))
+    fid.run_ref(fid.RefConfig(images=images_artifact, out=root / "ref", encoder=str(encoder_dir), device="cpu",
+                              batch_size=8))
+    return root
+
+
+def test_in_training_evaluation_keeps_best_and_is_not_redone_on_resume(eval_chain, encoder_dir, tmp_path,
+                                                                       crash_at, monkeypatch):
+    import pipeline.evaluation as ev
+
+    def cfg(out, **kw):
+        return config(eval_chain / "lat", out, steps=4, ckpt_every=100, eval_every=2, eval_samples=6,
+                      eval_steps=4, eval_ref=eval_chain / "ref", flatdino=eval_chain / "vae", rae=encoder_dir, **kw)
+
+    m = train_dit.run(cfg(tmp_path / "a"))
+    evals = m.extra["evals"]
+    assert [e["step"] for e in evals] == [2, 4] and all(np.isfinite(e["fd_dinov2"]) for e in evals)
+    best = min(evals, key=lambda e: e["fd_dinov2"])
+    assert m.extra["best"]["step"] == best["step"] and "fid" not in best  # no Inception weights offline
+    saved = json.loads((tmp_path / "a" / "best" / "eval.json").read_text())
+    assert saved == m.extra["best"] and (tmp_path / "a" / "best" / "ema.safetensors").exists()
+    calls = []
+    real = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    disarm = crash_at(3)  # after the evaluation (and its checkpoint) at step 2
+    with pytest.raises(Killed):
+        train_dit.run(cfg(tmp_path / "b"))
+    disarm()
+    calls.clear()
+    again = train_dit.run(cfg(tmp_path / "b"))
+    assert len(calls) == 1 and again.extra["evals"] == evals  # only step 4 evaluated again; same numbers
+    assert_same(weights(tmp_path / "a")[1], weights(tmp_path / "b")[1])
+
+
+def test_evaluation_does_not_depend_on_the_batch_it_samples_in(eval_chain, encoder_dir):
+    import pipeline.evaluation as ev
+    from models.dit import DiT, PRESETS as DIT
+    from pipeline.sampling import Chain, Sampling
+
+    device = torch.device("cpu")
+    setup = ev.open_eval(eval_chain / "ref", encoder_dir, None, device)
+    vae, vae_cfg, pixels = ev.decoders(eval_chain / "vae", encoder_dir, device)
+    torch.manual_seed(0)
+    dit = DiT(dataclasses_replace(DIT["T"], tokens=8, channels=32, num_classes=CLASSES)).eval()
+    chain = Chain(dit, vae, pixels, 1.0, None, None, CLASSES, (8, 32), {}, {})
+    a = ev.evaluate(setup, chain, Sampling(steps=3), 6, CLASSES, Runtime(), batch_size=1)
+    b = ev.evaluate(setup, chain, Sampling(steps=3), 6, CLASSES, Runtime(), batch_size=4)
+    assert a == b and a["samples"] == 6
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)

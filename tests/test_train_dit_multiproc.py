@@ -31,7 +31,7 @@ def test_two_processes_match_one(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = train_dit.require_complete(tmp_path / "two", "train_dit")
-    assert manifest.extra["world_size"] == 2 and manifest.extra["step"] == 6
+    assert manifest.timings["world_size"] == 2 and manifest.extra["step"] == 6
     assert not (tmp_path / "two" / "cache").exists()
     for a, b in zip(weights(tmp_path / "one"), weights(tmp_path / "two")):
         for k in a:
