@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.encoder import FeatureEncoder, adm_center_crop, init_rae_dir, load_rae, pil_to_uint8  # noqa: E402
 from pipeline.runtime import Runtime, autocast  # noqa: E402
-from pipeline.shards import ImageShards  # noqa: E402
+from pipeline.shards import ImageShards, load_rgb  # noqa: E402
 from stages import features, images  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def make_artifacts(root: Path, n: int, preset: str) -> tuple[Path, Path]:
 
 def bare_encoder(images_dir: Path, encoder_dir: Path, batch: int, precision: str) -> float:
     art = ImageShards(images_dir)
-    crops = [pil_to_uint8(adm_center_crop(art.load_rgb(data))) for _, _, _, data, _ in art.iter("train")]
+    crops = [pil_to_uint8(adm_center_crop(load_rgb(data))) for _, _, _, data, _ in art.iter("train")]
     enc = FeatureEncoder(load_rae(encoder_dir)).eval()
     x = torch.stack(crops)
     with torch.no_grad(), autocast(precision, torch.device("cpu")):

@@ -36,10 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from models.imaging import IMAGE_SIZE, adm_center_crop  # noqa: F401  (re-exported: the crop lives with decoding)
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SIZE = 256  # ADM centre crop and pixel-decoder output
 HUB_ID = "nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08"
 
 # AutoencoderRAE constructor arguments per preset. "dinov2-b-xl" is the architecture of the paper's components
@@ -76,17 +77,6 @@ class PatchTokens(NamedTuple):
     cls: torch.Tensor  # (B, D)
     registers: torch.Tensor  # (B, R, D)
     patches: torch.Tensor  # (B, N, D) affine-free LayerNorm outputs
-
-
-def adm_center_crop(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
-    """ADM centre crop: BOX-halve while the short side >= 2*size, BICUBIC to short side `size`, centre crop."""
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def _rename(state_dict: dict, pattern: re.Pattern, table: dict[str, str]) -> dict:

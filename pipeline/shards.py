@@ -7,7 +7,6 @@ metadata (mtime 0, uid/gid 0, sorted members), so the same samples always give t
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import logging
@@ -22,8 +21,8 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 
+from models.imaging import load_rgb  # noqa: F401  (re-exported for the stages)
 from pipeline.manifest import ArtifactError, _fsync_dir, file_sha256, require_complete
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # what PIL decodes; every reader knows them
@@ -84,7 +83,7 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 INDEX_SUFFIX = ".idx.npz"  # next to each shard: its members' offsets, sizes and block CRCs (written at commit)
 CRC_BLOCK = 1 << 16  # member data is checked in 64 KiB blocks, so a partial read (one view) is checked too
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 class _HashingWriter(io.RawIOBase):
@@ -106,10 +105,38 @@ class _HashingWriter(io.RawIOBase):
         return self.pos
 
 
-def block_crcs(data: bytes | memoryview) -> list[int]:
-    """CRC32 of each CRC_BLOCK-sized block of `data` (at least one, for empty data)."""
+def npy_head(data: bytes | memoryview) -> int:
+    """Bytes before the array data of an .npy member (0 when it is not one)."""
     view = memoryview(data)
-    return [zlib.crc32(view[s : s + CRC_BLOCK]) for s in range(0, max(len(view), 1), CRC_BLOCK)]
+    if bytes(view[:6]) != b"\x93NUMPY" or len(view) < 10:
+        return 0
+    if view[6] == 1:
+        return 10 + int.from_bytes(view[8:10], "little")
+    return 12 + int.from_bytes(view[8:12], "little")
+
+
+def _block_of(pos: int, head: int) -> int:
+    """The block holding byte `pos` of a member whose blocks are [0, head) (if head) then CRC_BLOCK-sized from head:
+    aligning blocks on the array data makes a view of (V, N, D) float16 features whole blocks (N D 2 = 3 or 6 x 64 KiB
+    at 112 / 224 px), so reading one view reads nothing else."""
+    if head and pos < head:
+        return 0
+    return (pos - head) // CRC_BLOCK + (1 if head else 0)
+
+
+def _block_range(k: int, head: int, size: int) -> tuple[int, int]:
+    if head:
+        if k == 0:
+            return 0, head
+        k -= 1
+    return head + k * CRC_BLOCK, min(head + (k + 1) * CRC_BLOCK, size)
+
+
+def block_crcs(data: bytes | memoryview, head: int = 0) -> list[int]:
+    """CRC32 of each block of a member (see `_block_of`; at least one, for empty data)."""
+    view = memoryview(data)
+    n = _block_of(max(len(view) - 1, 0), head) + 1
+    return [zlib.crc32(view[slice(*_block_range(k, head, len(view)))]) for k in range(n)]
 
 
 def write_tar_shard(path: str | Path, samples: Iterable[dict]) -> dict:
@@ -136,7 +163,8 @@ def write_tar_shard(path: str | Path, samples: Iterable[dict]) -> dict:
                         data = sample[ext]
                         info = _tarinfo(f"{key}.{ext}", len(data))
                         header = len(info.tobuf(tarfile.USTAR_FORMAT, tar.encoding, tar.errors))
-                        members.append((key, ext, tar.offset + header, len(data), block_crcs(data)))
+                        head = npy_head(data)
+                        members.append((key, ext, tar.offset + header, len(data), block_crcs(data, head), head))
                         tar.addfile(info, io.BytesIO(data))
             raw.flush()
             os.fsync(raw.fileno())
@@ -159,7 +187,8 @@ def _write_index(path: Path, sha: str, size: int, members: list) -> None:
     arrays = {"version": np.int64(INDEX_VERSION), "sha256": np.array(sha), "bytes": np.int64(size),
               "key": np.array([m[0] for m in members], dtype=str), "ext": np.array([m[1] for m in members], dtype=str),
               "offset": np.array([m[2] for m in members], np.int64), "size": np.array([m[3] for m in members], np.int64),
-              "crc_first": first.astype(np.int64), "crc": np.array(crcs, np.uint32)}
+              "crc_first": first.astype(np.int64), "crc": np.array(crcs, np.uint32),
+              "head": np.array([m[5] for m in members], np.int64)}
 
     from pipeline.npz import npz_bytes
 
@@ -171,6 +200,7 @@ class Member(NamedTuple):
     offset: int  # of the data in the tar
     size: int
     crc_first: int  # position of the member's first block CRC in ShardIndex.crc
+    head: int  # bytes before an .npy member's array data (its first block); 0 otherwise
 
 
 class ShardIndex(NamedTuple):
@@ -185,13 +215,13 @@ class ShardIndex(NamedTuple):
         """Bytes [lo, hi) of member `ext` of sample i, every 64 KiB block they touch checked against its CRC."""
         m = self.members[i][ext]
         hi = m.size if hi is None else min(hi, m.size)
-        b0, b1 = lo // CRC_BLOCK, max(-(-hi // CRC_BLOCK), lo // CRC_BLOCK + 1)
-        start, stop = b0 * CRC_BLOCK, min(b1 * CRC_BLOCK, m.size)
+        b0, b1 = _block_of(lo, m.head), _block_of(max(hi - 1, lo), m.head) + 1
+        start, stop = _block_range(b0, m.head, m.size)[0], _block_range(b1 - 1, m.head, m.size)[1]
         data = files.pread(self.path, m.offset + start, stop - start)
         view = memoryview(data)
         for b in range(b0, b1):
-            part = view[(b - b0) * CRC_BLOCK : (b - b0 + 1) * CRC_BLOCK]
-            if zlib.crc32(part) != int(self.crc[m.crc_first + b]):
+            lo_b, hi_b = _block_range(b, m.head, m.size)
+            if zlib.crc32(view[lo_b - start : hi_b - start]) != int(self.crc[m.crc_first + b]):
                 raise ArtifactError(f"{self.path}: sample {self.keys[i]} member {ext} fails its checksum (block {b}): "
                                     f"the shard is corrupt on disk; {rebuild_hint(self.path)}")
         return bytes(view[lo - start : hi - start])
@@ -254,12 +284,12 @@ def load_index(path: Path, record: dict) -> ShardIndex:
 
 def _index_from_arrays(path: Path, a: dict) -> ShardIndex:
     keys, members = [], []
-    for key, ext, off, size, first in zip(a["key"].tolist(), a["ext"].tolist(), a["offset"].tolist(),
-                                          a["size"].tolist(), a["crc_first"].tolist()):
+    for key, ext, off, size, first, head in zip(a["key"].tolist(), a["ext"].tolist(), a["offset"].tolist(),
+                                                a["size"].tolist(), a["crc_first"].tolist(), a["head"].tolist()):
         if not keys or keys[-1] != key:
             keys.append(key)
             members.append({})
-        members[-1][ext] = Member(off, size, first)
+        members[-1][ext] = Member(off, size, first, head)
     return ShardIndex(path, keys, members, a["crc"])
 
 
@@ -273,16 +303,18 @@ def _rebuild_index(path: Path, record: dict, idx_path: Path) -> ShardIndex:
         for key, exts in index_tar_shard(path).items():
             for ext, (off, size) in exts.items():
                 f.seek(off)
-                members.append((key, ext, off, size, block_crcs(f.read(size))))
+                data = f.read(size)
+                members.append((key, ext, off, size, block_crcs(data, npy_head(data)), npy_head(data)))
     try:
         _write_index(path, sha, os.path.getsize(path), members)
         with np.load(idx_path, allow_pickle=False) as z:
             return _index_from_arrays(path, {k: z[k] for k in z.files})
     except OSError:  # a read-only artifact: keep the rebuilt index in memory
         first = np.cumsum([0] + [len(m[4]) for m in members])[:-1]
-        return _index_from_arrays(path, {"key": np.array([m[0] for m in members]), "ext": np.array([m[1] for m in members]),
-                                         "offset": np.array([m[2] for m in members]), "size": np.array([m[3] for m in members]),
-                                         "crc_first": first, "crc": np.array([c for m in members for c in m[4]], np.uint32)})
+        return _index_from_arrays(path, {
+            "key": np.array([m[0] for m in members]), "ext": np.array([m[1] for m in members]),
+            "offset": np.array([m[2] for m in members]), "size": np.array([m[3] for m in members]), "crc_first": first,
+            "crc": np.array([c for m in members for c in m[4]], np.uint32), "head": np.array([m[5] for m in members])})
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -355,16 +387,6 @@ def read_member(path: str | Path, offset: int, size: int) -> bytes:
     if len(data) != size:
         raise ArtifactError(f"{path}: truncated (wanted {size} bytes at {offset}); re-run the stage that wrote it")
     return data
-
-
-def load_rgb(data: bytes) -> Image.Image:
-    """Decode image bytes to an RGB PIL image; raises ValueError on anything that is not a readable image."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises many types for corrupt data
-        raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from e
 
 
 class _ShardedArtifact:
@@ -510,23 +532,9 @@ class FeatureShards(_ShardedArtifact):
         if view is None:
             return idx.keys[j], cls, decode_npy(idx.read(self.files, j, "feat.npy"))
         n, d = self.num_patches, self.dim
-        head = npy_header_size(idx, self.files, j)
-        lo = head + view * n * d * 2
+        lo = idx.members[j]["feat.npy"].head + view * n * d * 2
         raw = idx.read(self.files, j, "feat.npy", lo, lo + n * d * 2)
         return idx.keys[j], cls, np.frombuffer(raw, dtype="<f2").reshape(n, d)
-
-
-@functools.lru_cache(maxsize=None)
-def _header_size_of(prefix: bytes) -> int:
-    f = io.BytesIO(prefix)
-    version = np.lib.format.read_magic(f)
-    (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
-    return f.tell()
-
-
-def npy_header_size(idx: ShardIndex, files: OpenFiles, j: int) -> int:
-    """Bytes before the data of sample j's feat.npy (the header; the same for every sample of an artifact)."""
-    return _header_size_of(idx.read(files, j, "feat.npy", 0, 128)[:128])
 
 
 class PairData:

@@ -112,8 +112,24 @@ class FeatureData(TrainData):
         return np.stack(list(self._pool.map(lambda i: self._get(int(i), split), samples)))
 
     def _read_train(self, positions: range) -> np.ndarray:
+        """(b, N, D) float16 of the stream positions: from RAM, or reading (and checking) only the view used, from
+        shard files kept open, on `num_workers` threads (pread and CRC32 release the GIL)."""
         samples, views = self.order.lookup(positions)
-        return self._feats("train", samples)[np.arange(len(samples)), views]  # (b, N, D)
+        if self.cache is not None:
+            return self.cache["train"][samples, views]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.num_workers)
+        expected = (self.num_patches, self.dim)
+
+        def one(sv) -> np.ndarray:
+            key, _, f = self.shards.get(int(sv[0]), "train", view=int(sv[1]))
+            if f.shape != expected:
+                raise ArtifactError(f"{self.path}: sample {key} has a view of shape {f.shape}, expected {expected}")
+            return f
+
+        return np.stack(list(self._pool.map(one, zip(samples, views))))
 
     def batch(self, positions: range) -> torch.Tensor:
         return torch.from_numpy(self._read_train(positions)).float()

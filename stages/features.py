@@ -9,9 +9,11 @@ output is the same whatever the number of processes. Images that fail to decode 
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
@@ -19,11 +21,12 @@ from typing import Iterable, Iterator, Literal
 import numpy as np
 import torch
 
-from models.encoder import FeatureEncoder, adm_center_crop, encoder_fingerprint, init_rae_dir, load_rae, pil_to_uint8
+from models.encoder import FeatureEncoder, encoder_fingerprint, init_rae_dir, load_rae
+from models.imaging import decode_item
 from pipeline.config import Checked, command_from_config, config_to_dict, opt
 from pipeline.manifest import ArtifactError, Manifest, OutputDir, TooManyFailures, local_dirs
 from pipeline.runtime import Runtime, autocast, environment, get_logger, launch, progress
-from pipeline.shards import IMAGE_EXTS, ImageShards, encode_int, encode_npy, load_rgb, write_tar_shard
+from pipeline.shards import IMAGE_EXTS, ImageShards, encode_int, encode_npy, write_tar_shard
 
 log = get_logger(__name__)
 
@@ -50,7 +53,10 @@ class Config(Checked):
         "fail if more than this share of images cannot be decoded (they are skipped and listed in the manifest); a "
         "tolerance, not identity: raise it on a re-run to accept the committed shards", runtime=True, min=0.0,
         max=1.0))
-    num_workers: int = field(default=4, metadata=opt("decoding threads per process", runtime=True, min=1))
+    num_workers: int = field(default=4, metadata=opt(
+        "decode workers per process (JPEG decode + ADM crop; a GPU needs 10-20)", runtime=True, min=1))
+    decode_in: Literal["processes", "threads"] = field(default="processes", metadata=opt(
+        "decode workers are processes (no GIL: scales with cores) or threads", runtime=True))
     device: str = field(default="auto", metadata=opt("auto, cpu, cuda, cuda:1 ...", runtime=True))
     overwrite: bool = field(default=False, metadata=opt(
         "delete this stage's own files in --out (a folder holding anything else is refused) and start again",
@@ -68,19 +74,22 @@ def _records(images: ImageShards, rec: dict) -> Iterator[tuple]:
         yield s["__key__"], int(s["cls"]), None if ext is None else s[ext]
 
 
-def _decode(item: tuple) -> tuple:
-    """(key, cls, bytes or None) -> (key, cls, uint8 (3, 256, 256) or the error message)."""
-    key, cls, data = item
-    if data is None:
-        return key, cls, "no image member (jpg/png/webp/bmp) in this sample"
-    try:
-        return key, cls, pil_to_uint8(adm_center_crop(load_rgb(data)))
-    except ValueError as e:
-        return key, cls, str(e)
+def decode_pool(cfg: Config):
+    """Decode workers: processes (each its own GIL, so one GPU process can use every core) or threads.
+
+    Processes are forked, as torch's DataLoader workers are (spawned ones would re-import the caller's main module),
+    all at once before this stage starts any thread of its own; they only decode with PIL and never touch torch."""
+    if cfg.decode_in == "threads":
+        return ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="decode")
+    import multiprocessing
+
+    pool = ProcessPoolExecutor(cfg.num_workers, mp_context=multiprocessing.get_context("fork"))
+    list(pool.map(decode_item, [("warm-up", 0, None)] * cfg.num_workers))  # fork every worker now
+    return pool
 
 
-def _prefetch(pool: ThreadPoolExecutor, items: Iterable, fn, depth: int) -> Iterator:
-    """Ordered map over `items` on a thread pool with at most `depth` items in flight."""
+def _prefetch(pool, items: Iterable, fn, depth: int) -> Iterator:
+    """Ordered map over `items` on a worker pool with at most `depth` items in flight."""
     pending: deque = deque()
     for item in items:
         pending.append(pool.submit(fn, item))
@@ -98,33 +107,111 @@ def _batches(decoded: Iterator, batch_size: int, failures: list[dict]) -> Iterat
             continue
         keys.append(key), classes.append(cls), images.append(image)
         if len(keys) == batch_size:
-            yield keys, classes, torch.stack(images)
+            yield keys, classes, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, 256, 256) uint8
             keys, classes, images = [], [], []
     if keys:
-        yield keys, classes, torch.stack(images)
+        yield keys, classes, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()
-def encode_views(encoder: FeatureEncoder, x: torch.Tensor, views: int, precision: str) -> torch.Tensor:
-    """uint8 crops (B, 3, 256, 256) -> float16 features (B, V, N, D); view 1 is the flipped crop."""
+def encode_views(encoder: FeatureEncoder, x: torch.Tensor, views: int, precision: str) -> tuple[torch.Tensor, ...]:
+    """uint8 crops (B, 3, 256, 256) -> float16 features (B, V, N, D) on the CPU and whether each sample is finite
+    (checked on the device, after the float16 cast, so an overflow is caught); view 1 is the flipped crop."""
     crops = [x, x.flip(-1)][:views]
     device = encoder.mean.device
     with autocast(precision, device):
         feats = [encoder.encode_images(c.to(device)).patches.float() for c in crops]
-    return torch.stack(feats, dim=1).to(torch.float16).cpu()
+    f16 = torch.stack(feats, dim=1).to(torch.float16)
+    return f16.cpu(), torch.isfinite(f16).flatten(1).all(1).cpu()
 
 
-def _shard_samples(encoder, cfg: Config, precision: str, records: Iterator, pool, failures: list[dict],
-                   bar) -> Iterator[dict]:
-    decoded = _prefetch(pool, records, _decode, depth=4 * cfg.batch_size)
+class ShardWriter:
+    """Writes one output shard on a background thread from a bounded queue of (key, cls, features): the npy
+    encoding, the tar, its sha256 (hashed while written) and the fsync leave the main thread, which only encodes."""
+
+    _END, _ABORT = object(), object()
+
+    def __init__(self, path: Path, depth: int = 512):
+        self.path, self.queue, self.result, self.error = path, queue.Queue(depth), None, None
+        self.thread = threading.Thread(target=self._run, name=f"write {path.name}", daemon=True)
+        self.thread.start()
+
+    def _samples(self) -> Iterator[dict]:
+        while (item := self.queue.get()) is not self._END:
+            if item is self._ABORT:
+                raise _Aborted()
+            key, cls, f = item
+            yield {"__key__": key, "feat.npy": encode_npy(f), "cls": encode_int(cls)}
+
+    def _run(self) -> None:
+        try:
+            self.result = write_tar_shard(self.path, self._samples())
+        except BaseException as e:  # handed to the main thread by put/close
+            self.error = e
+
+    def put(self, item: tuple) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def close(self) -> dict:
+        """Wait for the shard to be on disk; its record."""
+        self.queue.put(self._END)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def abort(self) -> None:
+        """Drop the shard in flight (its temporary file is removed by the writer)."""
+        self.queue.put(self._ABORT)
+        self.thread.join()
+
+
+class _Aborted(Exception):
+    pass
+
+
+def _encode_shard(encoder, cfg: Config, precision: str, records: Iterator, pool, failures: list[dict], bar,
+                  writer: ShardWriter) -> None:
+    decoded = _prefetch(pool, records, decode_item, depth=4 * cfg.batch_size)
     for keys, classes, x in _batches(decoded, cfg.batch_size, failures):
-        feats = encode_views(encoder, x, cfg.views, precision).numpy()
-        for key, cls, f in zip(keys, classes, feats):
-            if not np.isfinite(f).all():  # fp16 overflow or a broken encoder: never store it silently
+        feats, finite = encode_views(encoder, x, cfg.views, precision)
+        feats, finite = feats.numpy(), finite.numpy()
+        for key, cls, f, ok in zip(keys, classes, feats, finite):
+            if not ok:  # fp16 overflow or a broken encoder: never store it silently
                 failures.append({"key": key, "reason": "non-finite features (float16 overflow?)"})
                 continue
-            yield {"__key__": key, "feat.npy": encode_npy(f), "cls": encode_int(cls)}
+            writer.put((key, cls, f))
         bar.update(len(keys))
+
+
+def encode_shards(encoder, cfg: Config, precision: str, images: ImageShards, todo: list, od: OutputDir, bar) -> None:
+    """Every shard of `todo`, committed in order; the writer of shard k finishes while shard k + 1 is encoded."""
+    pending: tuple | None = None  # (writer, shard, failures) whose tail still runs
+    with decode_pool(cfg) as pool:
+        try:
+            for shard in todo:
+                writer, failures = ShardWriter(od.path / _out_name(shard)), []
+                try:
+                    _encode_shard(encoder, cfg, precision, _records(images, shard), pool, failures, bar, writer)
+                except BaseException:
+                    writer.abort()
+                    raise
+                if pending is not None:
+                    _commit(od, *pending)
+                pending = (writer, shard, failures)
+            if pending is not None:
+                _commit(od, *pending)
+                pending = None
+        finally:
+            if pending is not None:
+                pending[0].abort()
+
+
+def _commit(od: OutputDir, writer: ShardWriter, shard: dict, failures: list[dict]) -> None:
+    rec = writer.close()
+    od.commit({**rec, "split": shard["split"], "source": shard["name"], "failed": failures})
 
 
 def run(cfg: Config, rt: Runtime | None = None) -> Manifest:
@@ -147,12 +234,7 @@ def run(cfg: Config, rt: Runtime | None = None) -> Manifest:
         this_run = sum(s["count"] for s in todo)
         bar = progress(this_run, "features", "img", rt)
         t_loop = time.time()  # after the one-time load: the loop's rate is what decoding must hide behind
-        with ThreadPoolExecutor(cfg.num_workers) as pool:
-            for shard in todo:
-                failures: list[dict] = []
-                rec = write_tar_shard(od.path / _out_name(shard), _shard_samples(
-                    encoder, cfg, rt.precision, _records(images, shard), pool, failures, bar))
-                od.commit({**rec, "split": shard["split"], "source": shard["name"], "failed": failures})
+        encode_shards(encoder, cfg, rt.precision, images, todo, od, bar)
         bar.close()
         t_end = time.time()
         rt.barrier()

@@ -56,7 +56,7 @@ def test_images_artifact_keeps_bytes_and_classes(images_artifact, image_folder):
             keys.append(key)
             rec = next(s for s in read_tar_shard(images_artifact / next(
                 r["name"] for r in art.shards(split) if r["first_key"] <= key <= r["last_key"])) if s["__key__"] == key)
-            src = image_folder.parent / rec["src"].decode()
+            src = image_folder / rec["src"].decode()  # relative to --source
             assert src.read_bytes() == data, "original bytes must be kept"
             assert art.classes[cls] == src.parent.name
     assert len(set(keys)) == 24

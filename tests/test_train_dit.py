@@ -316,3 +316,9 @@ def dataclasses_replace(obj, **kw):
     import dataclasses
 
     return dataclasses.replace(obj, **kw)
+
+
+def test_latents_on_device_train_the_same_weights(reference, latents, tmp_path):
+    train_dit.run(config(latents, tmp_path / "dev", latents_on_device=True))
+    for a, b in zip(weights(tmp_path / "dev"), weights(reference[0])):
+        assert_same(a, b)
