@@ -156,9 +156,3 @@ def init_linears_(module: nn.Module, std: float = 0.02) -> None:
             trunc_normal_(m.weight, std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-
-
-def count_params(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (buffers excluded)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-

@@ -85,15 +85,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def tree_sha256(root: str | Path, exclude: tuple[str, ...] = (MANIFEST, LOCK)) -> str:
-    """sha256 over the relative paths and contents of every file under `root`, in sorted order."""
-    root = Path(root)
-    h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file() and q.name not in exclude and not q.name.endswith(".tmp")):
-        h.update(str(p.relative_to(root)).encode() + b"\0" + file_sha256(p).encode())
-    return h.hexdigest()
-
-
 def json_sha256(obj: Any) -> str:
     """sha256 of the canonical JSON form of `obj`."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
