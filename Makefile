@@ -51,7 +51,7 @@ LAUNCH := $(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) -m pipel
 endif
 # the demo encoder is a local random-weight directory made by `flatdino init-encoder`; a hub id needs no target
 ENCODER_DEP := $(if $(wildcard $(ENCODER)),,$(if $(findstring $(S)/encoder/,$(ENCODER)),$(ENCODER)/config.json,))
-DEMO_CLASSIFIER := $(if $(filter digits,$(DATA)),--classifier $(S)/classifier/$(RUN),)
+DEMO_CLASSIFIER := $(if $(filter demo,$(RUN)),--classifier $(S)/classifier/$(RUN),)# the digits demo's class-consistency
 # $(call sample,NAME,ARGS): samples of this run's networks into shards/samples/NAME; $(call fid,NAME): their metrics
 sample = $(LAUNCH) sample --dit $(S)/dit/$(RUN) --vae $(S)/vae/$(RUN) --decoder $(S)/decoder/$(RUN) \
 	--out $(S)/samples/$(1) --seed $(SEED) $(2)
