@@ -50,3 +50,22 @@ def decode_item(item: tuple) -> tuple:
     (defined here so that a worker process imports only this module, not torch)."""
     key, cls, data = item
     return key, cls, decode_crop(data)
+
+
+def worker_init(close_fds: tuple[int, ...] = ()) -> None:
+    """Start of a forked decode worker: drop file descriptors it must not hold (the output directory's lock, which a
+    forked child would otherwise keep held after its parent dies) and die with the parent (Linux PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: orphans end when their queue closes
+        pass

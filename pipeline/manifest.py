@@ -310,6 +310,10 @@ class OutputDir:
             ) from None
         self._lock_fd = fd
 
+    def lock_fds(self) -> tuple[int, ...]:
+        """File descriptors a forked worker must close (the lock: a child holding it would keep it after we die)."""
+        return () if self._lock_fd is None else (self._lock_fd,)
+
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)

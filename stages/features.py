@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from models.encoder import FeatureEncoder, encoder_fingerprint, init_rae_dir, load_rae
-from models.imaging import decode_item
+from models.imaging import decode_item, worker_init
 from pipeline.config import Checked, command_from_config, config_to_dict, opt
 from pipeline.manifest import ArtifactError, Manifest, OutputDir, TooManyFailures, local_dirs
 from pipeline.runtime import Runtime, autocast, environment, get_logger, launch, progress
@@ -74,7 +74,7 @@ def _records(images: ImageShards, rec: dict) -> Iterator[tuple]:
         yield s["__key__"], int(s["cls"]), None if ext is None else s[ext]
 
 
-def decode_pool(cfg: Config):
+def decode_pool(cfg: Config, close_fds: tuple[int, ...] = ()):
     """Decode workers: processes (each its own GIL, so one GPU process can use every core) or threads.
 
     Processes are forked, as torch's DataLoader workers are (spawned ones would re-import the caller's main module),
@@ -83,7 +83,8 @@ def decode_pool(cfg: Config):
         return ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="decode")
     import multiprocessing
 
-    pool = ProcessPoolExecutor(cfg.num_workers, mp_context=multiprocessing.get_context("fork"))
+    pool = ProcessPoolExecutor(cfg.num_workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=worker_init, initargs=(close_fds,))
     list(pool.map(decode_item, [("warm-up", 0, None)] * cfg.num_workers))  # fork every worker now
     return pool
 
@@ -163,9 +164,10 @@ class ShardWriter:
         return self.result
 
     def abort(self) -> None:
-        """Drop the shard in flight (its temporary file is removed by the writer)."""
-        self.queue.put(self._ABORT)
-        self.thread.join()
+        """Drop the shard in flight (its temporary file is removed by the writer); a no-op once it is closed."""
+        if self.thread.is_alive():
+            self.queue.put(self._ABORT)
+            self.thread.join()
 
 
 class _Aborted(Exception):
@@ -189,17 +191,17 @@ def _encode_shard(encoder, cfg: Config, precision: str, records: Iterator, pool,
 def encode_shards(encoder, cfg: Config, precision: str, images: ImageShards, todo: list, od: OutputDir, bar) -> None:
     """Every shard of `todo`, committed in order; the writer of shard k finishes while shard k + 1 is encoded."""
     pending: tuple | None = None  # (writer, shard, failures) whose tail still runs
-    with decode_pool(cfg) as pool:
+    with decode_pool(cfg, close_fds=od.lock_fds()) as pool:
         try:
             for shard in todo:
                 writer, failures = ShardWriter(od.path / _out_name(shard)), []
                 try:
                     _encode_shard(encoder, cfg, precision, _records(images, shard), pool, failures, bar, writer)
+                    if pending is not None:
+                        _commit(od, *pending)
                 except BaseException:
-                    writer.abort()
+                    writer.abort()  # the shard in flight leaves no temporary file
                     raise
-                if pending is not None:
-                    _commit(od, *pending)
                 pending = (writer, shard, failures)
             if pending is not None:
                 _commit(od, *pending)
