@@ -101,3 +101,39 @@ def decoders(vae_dir: Path, rae_dir: Path, device: torch.device):
     rae = load_rae(rae_dir)
     check_decoder(rae, vae_m, str(rae_dir))
     return vae.eval(), vae_cfg, PixelDecoder(rae).to(device).eval()
+
+
+def live_chain(trainer, vae_dir: Path, rae_dir: Path, kappa: float, mean, std, num_classes: int):
+    """A sampling Chain around a trainer's live EMA model (loaded once, kept on the trainer)."""
+    from pipeline.sampling import Chain
+
+    if getattr(trainer, "_chain", None) is None:
+        device = trainer.rt.device
+        vae, vae_cfg, pixels = decoders(vae_dir, rae_dir, device)
+        stats = (mean.to(device), std.to(device)) if mean is not None else (None, None)
+        trainer._chain = Chain(trainer.ema, vae, pixels, kappa, *stats, num_classes, tuple(vae_cfg.latent_shape),
+                               {}, {})
+    return trainer._chain
+
+
+def grid_event(trainer, chain, out: Path, seed: int, every: int, num_classes: int):
+    """Every `every` steps (main process): 8 classes x 4 EMA samples through the decoders, a PNG under `out` and an
+    image in the trackers."""
+    from models.flow import class_balanced_labels
+    from PIL import Image
+
+    from pipeline.grids import save_grid
+    from pipeline.sampling import Sampling, generate
+    from pipeline.train import Event
+
+    def fn(step: int) -> None:
+        if not trainer.rt.is_main:
+            return None
+        classes, per = min(8, num_classes), 4
+        labels = class_balanced_labels(classes, per)
+        images = generate(chain(), Sampling(seed=seed), list(range(len(labels))), labels, trainer.rt.device)
+        path = save_grid(out / f"step-{step:09d}.png", [images[c * per : (c + 1) * per] for c in range(classes)])
+        trainer.log_image("samples", np.asarray(Image.open(path)), step)
+        return None
+
+    return Event("samples", every, fn)

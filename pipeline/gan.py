@@ -339,3 +339,21 @@ class DecoderGAN:
         return Objective("disc", self.disc, disc_optimizer(self.disc, self.cfg), loss,
                          lambda step: disc_lr(step - start, self.spe, self.cfg),
                          active=lambda step: self.phase(step).train_disc, state=self.disc.heads)
+
+
+def build_decoder_gan(cfg, rows: int, decoder, rt) -> DecoderGAN:
+    """The discriminator (frozen backbone `cfg.disc_backbone`, fresh heads seeded by `cfg.seed`) and the official GAN
+    schedule with train-decoder's options (`gan_weight`, `disc_start_epoch`, `gan_start_epoch`, epochs of `rows`)."""
+    from dataclasses import replace
+
+    from models.discriminator import load_discriminator
+    from pipeline.manifest import UserError
+
+    if cfg.micro_batch and cfg.micro_batch < cfg.batch_size // rt.world:
+        raise UserError("--gan takes the adaptive GAN weight on the whole global batch: leave --micro-batch at 0 "
+                        "(one micro-batch per process)")
+    disc = load_discriminator(cfg.disc_backbone, seed=cfg.seed).to(rt.device)
+    gcfg = replace(GANConfig(), gan_weight=cfg.gan_weight, disc_start_epoch=cfg.disc_start_epoch,
+                   gan_start_epoch=cfg.gan_start_epoch)
+    return DecoderGAN(disc, gcfg, rows // cfg.batch_size, cfg.seed, cfg.batch_size, (3, 256, 256),
+                      decoder.decoder.decoder_pred.weight, rt)

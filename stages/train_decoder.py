@@ -35,7 +35,7 @@ from pipeline.manifest import local_dirs, ArtifactError, Manifest, OutputDir, Us
     file_sha256
 from pipeline.runtime import Runtime, environment, get_logger, launch, torch_generator
 from pipeline.shards import FeatureShards, ImageShards, PairData
-from pipeline.gan import DecoderGAN, GANConfig
+from pipeline.gan import DecoderGAN, build_decoder_gan
 from pipeline.train import Ema, Event, Recipe, Trainer, TrainOptions
 
 log = get_logger(__name__)
@@ -263,7 +263,7 @@ def recipe(cfg: Config, train: PairData, decoder: PixelDecoder, lp: LPIPS | None
     optimizer = torch.optim.AdamW(decoder.decoder.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.weight_decay)
     shape = (train.features.num_patches, train.features.dim)
-    gan = build_gan(cfg, train, decoder, rt) if cfg.gan else None
+    gan = build_decoder_gan(cfg, len(train), decoder, rt) if cfg.gan else None
 
     def feed(step: int, sl: range):
         return train.rows(batch_rows(step, cfg.batch_size, len(train), cfg.seed)[sl.start : sl.stop])
@@ -283,20 +283,6 @@ def recipe(cfg: Config, train: PairData, decoder: PixelDecoder, lp: LPIPS | None
                   lambda model, batch, d, step: decoder_loss(model, batch, d, step, cfg, lp, gan), draw,
                   ema=Ema(cfg.ema_decay, EMA_WARMUP), title="train-decoder",
                   extra=[gan.objective(decode_pm1)] if gan is not None else [])
-
-
-def build_gan(cfg: Config, train: PairData, decoder: PixelDecoder, rt: Runtime) -> DecoderGAN:
-    """The discriminator (frozen backbone, fresh heads seeded by --seed) and the official GAN schedule."""
-    from models.discriminator import load_discriminator
-
-    if cfg.micro_batch and cfg.micro_batch < cfg.batch_size // rt.world:
-        raise UserError("--gan takes the adaptive GAN weight on the whole global batch: leave --micro-batch at 0 "
-                        "(one micro-batch per process)")
-    disc = load_discriminator(cfg.disc_backbone, seed=cfg.seed).to(rt.device)
-    gcfg = replace(GANConfig(), gan_weight=cfg.gan_weight, disc_start_epoch=cfg.disc_start_epoch,
-                   gan_start_epoch=cfg.gan_start_epoch)
-    return DecoderGAN(disc, gcfg, len(train) // cfg.batch_size, cfg.seed, cfg.batch_size, (3, 256, 256),
-                      decoder.decoder.decoder_pred.weight, rt)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

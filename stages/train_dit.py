@@ -316,40 +316,11 @@ def recipe(cfg: Config, data: LatentData, rt: Runtime, dit: DiTConfig) -> Recipe
 
 
 def ema_chain(cfg: Config, trainer: Trainer, data: LatentData, kappa: float):
-    """The sampling chain around the live EMA model (FlatDINO of --flatdino, pixel decoder of --rae), loaded once."""
-    from pipeline.evaluation import decoders
-    from pipeline.sampling import Chain
+    """The sampling chain around the live EMA model (FlatDINO of --flatdino, pixel decoder of --rae)."""
+    from pipeline.evaluation import live_chain
 
-    if not hasattr(trainer, "_chain"):
-        device = trainer.rt.device
-        vae, vae_cfg, pixels = decoders(cfg.flatdino, cfg.rae, device)
-        std = (data.mean.to(device), data.std.to(device)) if cfg.standardize_latents else (None, None)
-        trainer._chain = Chain(trainer.ema, vae, pixels, kappa, *std, data.num_classes, tuple(vae_cfg.latent_shape),
-                               {}, {})
-    return trainer._chain
-
-
-def grid_event(cfg: Config, trainer: Trainer, data: LatentData, kappa: float) -> Event:
-    """Every --sample-every steps: 8 classes x 4 EMA samples through FlatDINO and the pixel decoder (PNG + tracker)."""
-    from models.flow import class_balanced_labels
-    from pipeline.grids import save_grid
-    from pipeline.sampling import Sampling, generate
-
-    def fn(step: int) -> None:
-        if not trainer.rt.is_main:
-            return None
-        classes, per = min(8, data.num_classes), 4
-        labels = class_balanced_labels(classes, per)
-        images = generate(ema_chain(cfg, trainer, data, kappa), Sampling(seed=cfg.seed), list(range(len(labels))),
-                          labels, trainer.rt.device)
-        path = save_grid(cfg.out / "samples" / f"step-{step:09d}.png",
-                         [images[c * per : (c + 1) * per] for c in range(classes)])
-        from PIL import Image
-
-        trainer.log_image("samples", np.asarray(Image.open(path)), step)
-        return None
-
-    return Event("samples", cfg.sample_every, fn)
+    std = (data.mean, data.std) if cfg.standardize_latents else (None, None)
+    return live_chain(trainer, cfg.flatdino, cfg.rae, kappa, *std, data.num_classes)
 
 
 def eval_event(cfg: Config, trainer: Trainer, data: LatentData, dit, kappa: float) -> Event:
@@ -405,7 +376,11 @@ def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
         dit = model_config(cfg, data)
         trainer = Trainer(recipe(cfg, data, rt, dit), cfg, od.path, rt, cfg.seed)
         if cfg.sample_every and cfg.flatdino and cfg.rae:
-            trainer.r.events.append(grid_event(cfg, trainer, data, resolved_kappa(cfg, dit)))
+            from pipeline.evaluation import grid_event
+
+            chain = functools.partial(ema_chain, cfg, trainer, data, resolved_kappa(cfg, dit))
+            trainer.r.events.append(grid_event(trainer, chain, cfg.out / "samples", cfg.seed, cfg.sample_every,
+                                               data.num_classes))
         if cfg.eval_every:
             trainer.r.events.append(eval_event(cfg, trainer, data, dit, resolved_kappa(cfg, dit)))
         trainer.fit()
