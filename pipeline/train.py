@@ -467,8 +467,10 @@ def write_loss_plot(path: Path, state: dict, title: str, ylabel: str, events: di
         rows = [r for r in state["events"].get(name, []) if key in r]
         if rows:
             ax.plot([r["step"] for r in rows], [r[key] for r in rows], "o-", label=f"{name} {key}")
-    ax.set(xlabel="update", ylabel=ylabel, yscale="log", title=title)
-    ax.legend()
+    ax.set(xlabel="update", ylabel=ylabel, title=title)
+    if ax.lines:
+        ax.set_yscale("log")
+        ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

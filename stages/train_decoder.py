@@ -386,6 +386,7 @@ def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
         metrics, target, recon = evaluate(trainer.ema, val, cfg.eval_samples, rt.device)
         write_grid(od.path / "grids" / "final.png", target, recon, cfg.grid_samples)
         record = save_rae_dir(od.path, rae, trainer.ema)
+        trainer.plot(od.path / "loss.png", "L1 (+ LPIPS, + GAN) loss")
         log.info("final EMA decoder: val PSNR %.2f dB vs mean-image baseline %.2f dB", metrics["val_psnr"],
                  metrics["baseline_psnr"])
         return od.finish(_manifest(cfg, images, features, encoder_fp, trainer, rae, lp, record, metrics,
