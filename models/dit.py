@@ -34,7 +34,6 @@ from models.layers import (
     RMSNorm,
     SwiGLU,
     init_linears_,
-    modulate,
     rope_1d,
     sincos_1d,
     trunc_normal_,
@@ -99,26 +98,34 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
 
-class DiTBlock(nn.Module):
-    """adaLN-Zero block: RMSNorm -> modulate -> attention (RoPE) / SwiGLU, gated residuals."""
+def _per_token(*mods: torch.Tensor) -> list[torch.Tensor]:
+    """adaLN terms of a global condition (B, D) broadcast over tokens as (B, 1, D); per-token ones (B, N, D) as is."""
+    return [m.unsqueeze(1) if m.dim() == 2 else m for m in mods]
 
-    def __init__(self, cfg: DiTConfig):
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: RMSNorm -> modulate -> attention (RoPE) / SwiGLU, gated residuals. The condition is global
+    (B, D) (LightningDiT) or per token (B, N, D) (the DiT^DH head, `models.dit_dh`)."""
+
+    def __init__(self, width: int, heads: int, mlp_hidden: int, backend: str = "sdpa"):
         super().__init__()
-        self.norm1 = RMSNorm(cfg.width, eps=1e-6)
-        self.attn = Attention(cfg.width, cfg.heads, qkv_bias=True, qk_norm=False, backend=cfg.attn_backend)
-        self.norm2 = RMSNorm(cfg.width, eps=1e-6)
-        self.mlp = SwiGLU(cfg.width, cfg.mlp_hidden)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
+        self.norm1 = RMSNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads, qkv_bias=True, qk_norm=False, backend=backend)
+        self.norm2 = RMSNorm(width, eps=1e-6)
+        self.mlp = SwiGLU(width, mlp_hidden)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x (B, N, D), c (B, D) -> (B, N, D)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        """x (B, N, D), c (B, D) or (B, N, D) -> (B, N, D)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _per_token(
+            *self.adaLN_modulation(c).chunk(6, dim=-1))
+        x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa, rope=rope)
+        return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
 
 
 class FinalLayer(nn.Module):
-    """RMSNorm -> adaLN shift/scale -> Linear to the latent channels: (B, N, D) -> (B, N, F)."""
+    """RMSNorm -> adaLN shift/scale (global or per-token condition) -> Linear to the latent channels:
+    (B, N, D) -> (B, N, F)."""
 
     def __init__(self, width: int, channels: int):
         super().__init__()
@@ -127,8 +134,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        shift, scale = _per_token(*self.adaLN_modulation(c).chunk(2, dim=-1))
+        return self.linear(self.norm(x) * (1 + scale) + shift)
 
 
 class DiT(nn.Module):
@@ -141,7 +148,8 @@ class DiT(nn.Module):
             self.x_embedder = nn.Linear(cfg.channels, cfg.width)
             self.t_embedder = TimestepEmbedder(cfg.width, cfg.time_freqs, cfg.time_seed)
             self.y_embedder = nn.Embedding(cfg.num_classes + 1, cfg.width)  # last row = null class
-            self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+            self.blocks = nn.ModuleList(DiTBlock(cfg.width, cfg.heads, cfg.mlp_hidden, cfg.attn_backend)
+                                        for _ in range(cfg.depth))
             self.final_layer = FinalLayer(cfg.width, cfg.channels)
             self.register_buffer("pos_embed", torch.empty(cfg.tokens, cfg.width), persistent=False)
             self.register_buffer("rope_cos", torch.empty(cfg.tokens, cfg.head_dim), persistent=False)

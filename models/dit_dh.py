@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.dit import TimestepEmbedder
-from models.layers import ATTENTION_BACKENDS, Attention, RMSNorm, SwiGLU, init_linears_, rope_1d, trunc_normal_
+from models.dit import DiTBlock, FinalLayer, TimestepEmbedder
+from models.layers import ATTENTION_BACKENDS, init_linears_, rope_1d, trunc_normal_
 
 ARCH = "dit-dh"  # the checkpoint config's "arch" value for this model
 
@@ -110,43 +110,6 @@ PRESETS: dict[str, DiTDHConfig] = {
 }
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift with shift/scale (B, 1, D) (global) or (B, T, D) (per token)."""
-    return x * (1 + scale) + shift
-
-
-class DDTBlock(nn.Module):
-    """LightningDiT adaLN-Zero block; c is (B, D) (body) or (B, T, D) (head, per token). (B, T, D) -> (B, T, D)."""
-
-    def __init__(self, width: int, heads: int, mlp_hidden: int, backend: str):
-        super().__init__()
-        self.norm1 = RMSNorm(width, eps=1e-6)
-        self.attn = Attention(width, heads, qkv_bias=True, qk_norm=False, backend=backend)
-        self.norm2 = RMSNorm(width, eps=1e-6)
-        self.mlp = SwiGLU(width, mlp_hidden)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        c = c.unsqueeze(1) if c.dim() == 2 else c  # (B, 1, D) or (B, T, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
-        return x + gate_mlp * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
-
-
-class DDTFinalLayer(nn.Module):
-    """RMSNorm -> per-token adaLN shift/scale from s -> Linear: (B, T, D), s (B, T, D) -> (B, T, F)."""
-
-    def __init__(self, width: int, channels: int):
-        super().__init__()
-        self.norm = RMSNorm(width, eps=1e-6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.linear = nn.Linear(width, channels)
-
-    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(s).chunk(2, dim=-1)
-        return self.linear(_modulate(self.norm(x), shift, scale))
-
-
 class DiTDH(nn.Module):
     """DiT^DH velocity model v(x_t, t, y) on (B, T, F) latents; same interface as `models.dit.DiT`."""
 
@@ -159,12 +122,12 @@ class DiTDH(nn.Module):
             self.t_embedder = TimestepEmbedder(cfg.width, cfg.time_freqs, cfg.time_seed)
             self.y_embedder = nn.Embedding(cfg.num_classes + 1, cfg.width)  # last row = null class
             self.pos_embed = nn.Parameter(torch.empty(1, cfg.tokens, cfg.width))  # learned (flat inputs)
-            self.blocks = nn.ModuleList(DDTBlock(cfg.width, cfg.heads, cfg.mlp_hidden, cfg.attn_backend)
+            self.blocks = nn.ModuleList(DiTBlock(cfg.width, cfg.heads, cfg.mlp_hidden, cfg.attn_backend)
                                         for _ in range(cfg.depth))
             self.s_projector = nn.Linear(cfg.width, cfg.dh_width) if cfg.width != cfg.dh_width else nn.Identity()
-            self.head_blocks = nn.ModuleList(DDTBlock(cfg.dh_width, cfg.dh_heads, cfg.dh_mlp_hidden, cfg.attn_backend)
+            self.head_blocks = nn.ModuleList(DiTBlock(cfg.dh_width, cfg.dh_heads, cfg.dh_mlp_hidden, cfg.attn_backend)
                                              for _ in range(cfg.dh_depth))
-            self.final_layer = DDTFinalLayer(cfg.dh_width, cfg.channels)
+            self.final_layer = FinalLayer(cfg.dh_width, cfg.channels)
             for name, dim in (("rope", cfg.head_dim), ("dh_rope", cfg.dh_head_dim)):
                 self.register_buffer(f"{name}_cos", torch.empty(cfg.tokens, dim), persistent=False)
                 self.register_buffer(f"{name}_sin", torch.empty(cfg.tokens, dim), persistent=False)
@@ -199,7 +162,7 @@ class DiTDH(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def _run(self, block: DDTBlock, x: torch.Tensor, c: torch.Tensor, rope: tuple) -> torch.Tensor:
+    def _run(self, block: DiTBlock, x: torch.Tensor, c: torch.Tensor, rope: tuple) -> torch.Tensor:
         if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, x, c, rope, use_reentrant=False)
         return block(x, c, rope)

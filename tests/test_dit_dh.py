@@ -113,7 +113,7 @@ def test_head_modulation_is_per_token():
     for name, mod in (("body", model.blocks[0]), ("head", model.head_blocks[0])):
         mod.adaLN_modulation.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out))
     model(x, t, y)
-    assert seen["body"].shape == (3, 1, 6 * TINY.width)
+    assert seen["body"].shape == (3, 6 * TINY.width)  # one global condition per sample
     assert seen["head"].shape == (3, TINY.tokens, 6 * TINY.dh_width)
     assert not torch.allclose(seen["head"][:, 0], seen["head"][:, 1])
 
