@@ -189,12 +189,13 @@ def test_a_nan_written_into_a_feature_shard_is_refused_naming_it_and_the_repair_
     before = (feats / rec["name"]).read_bytes()
     _nan_in_place(feats / rec["name"], key)
     run = (lambda: tv.run(tv.Config(out=tmp_path / "v2", features=feats, preset="demo", variant="demo", steps=2,
-                                    global_batch=6, micro_batch=6, num_workers=1, device="cpu", cache_gb=0.0))) \
+                                    global_batch=6, micro_batch=6, num_workers=1, device="cpu"))) \
         if consumer == "train_vae" else (lambda: lt.run(lt.Config(features=feats, vae=vae, out=tmp_path / "lat")))
     with pytest.raises(ArtifactError, match=rf"{rec['name']}: sample {key} member feat.npy fails its checksum.*"
                                             rf"delete {rec['name']}.*re-run the stage"):
         run()
     assert not (tmp_path / "lat" / "manifest.json").exists()
+    assert not (tmp_path / "v2" / "manifest.json").exists()
     (feats / rec["name"]).unlink()  # what the message says
     features.run(_features_cfg(images_artifact, encoder_dir, feats), rt=Runtime())
     assert (feats / rec["name"]).read_bytes() == before
@@ -317,3 +318,27 @@ def test_half_written_vae_state_is_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(UserError, match="000000002: unreadable checkpoint.*no older readable"):
         tv.run(dataclasses.replace(cfg, max_steps_this_run=None), rt=Runtime())
+
+
+def test_streamed_training_reads_refuse_exactly_the_corrupted_view(tmp_path, images_artifact, encoder_dir):
+    """Features too big for RAM are streamed one view at a time (only the bytes used are read): the view holding the
+    flipped value fails its block checksum with the repair message, another view of the same sample reads fine."""
+    from pipeline.train_data import FeatureData
+
+    feats = tmp_path / "feat"
+    m = features.run(_features_cfg(images_artifact, encoder_dir, feats), rt=Runtime())
+    rec = m.shards[0]
+    assert rec["split"] == "train"
+    _nan_in_place(feats / rec["name"], rec["first_key"])  # in view 0 of the shard's first sample
+    data = FeatureData(feats, seed=0, cache_bytes=0, num_workers=1)
+    assert data.cache is None and data.views > 1
+    with pytest.raises(ArtifactError, match=rf"{rec['name']}: sample {rec['first_key']} member feat.npy fails its "
+                                            rf"checksum.*delete {rec['name']}.*re-run the stage"):
+        data.shards.get(0, "train", view=0)
+    key, _, intact = data.shards.get(0, "train", view=data.views - 1)
+    assert key == rec["first_key"] and np.isfinite(intact.astype(np.float32)).all()
+    # and the training stream, walked over enough epochs to visit that view, stops on it rather than training on it
+    samples, views = data.order.lookup(range(data.num_train * 50))
+    hit = int(np.flatnonzero((samples == 0) & (views == 0))[0])
+    with pytest.raises(ArtifactError, match="fails its checksum"):
+        data.batch(range(hit, hit + 1))
