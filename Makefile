@@ -41,6 +41,9 @@ CLASSIFIER_M := $(S)/classifier/$(RUN)/manifest.json
 METRICS    := $(S)/fid/$(RUN)/metrics.json
 SAMPLES_U_M := $(S)/samples/$(RUN)-unguided/manifest.json
 METRICS_U  := $(S)/fid/$(RUN)-unguided/metrics.json
+REPORT_M   := $(S)/report/$(RUN)/metrics.json
+REPORT_SEEDS ?= 1 2# extra sampling seeds of the demo report (seed $(SEED) is `make sample`'s)
+SEED_SAMPLES := $(foreach k,$(REPORT_SEEDS),$(S)/samples/$(RUN)-seed$(k) $(S)/samples/$(RUN)-unguided-seed$(k))
 INSTALLED  := $(VENV)/.installed
 
 FLATDINO := $(BIN)/flatdino
@@ -59,7 +62,7 @@ fid = $(LAUNCH) fid --samples $(S)/samples/$(1) --reference $(REFERENCE) --encod
 	--out $(S)/fid/$(1) $(DEMO_CLASSIFIER) $(FID_ARGS) && touch $(S)/fid/.ran-$(RUN)
 
 .PHONY: help install test test-slow test-gpu demo images features train-vae latents train-dit decoder sample \
-        sample-unguided fid fid-unguided fid-ref classifier reconstruct rfid flops bench clean-demo
+        sample-unguided fid fid-unguided fid-ref classifier report reconstruct rfid flops bench clean-demo
 
 help: ## show this help
 	@echo "FlatDINO pipeline: images -> features -> train-vae -> latents -> train-dit -> sample -> fid"
@@ -84,7 +87,7 @@ test-slow: $(INSTALLED) ## the slow tests (multi-process launches, fault variant
 test-gpu: $(INSTALLED) ## CUDA-only tests (bf16, xformers parity); needs a GPU
 	$(BIN)/pytest -q -m gpu
 
-demo: $(METRICS) $(METRICS_U) ## the whole chain on the bundled digits with tiny presets (CPU, minutes)
+demo: $(METRICS) $(METRICS_U) $(REPORT_M) ## the whole chain on the bundled digits with tiny presets (CPU, minutes)
 	@echo
 	@if [ -f $(S)/fid/.ran-$(RUN) ]; then rm $(S)/fid/.ran-$(RUN); echo "demo complete."; \
 	 else echo "demo: nothing to do, every stage's artifact is complete (make clean-demo to start again)."; fi
@@ -93,8 +96,10 @@ demo: $(METRICS) $(METRICS_U) ## the whole chain on the bundled digits with tiny
 	@echo "  metrics       $(METRICS)"
 	@echo "  VAE losses    $(S)/vae/$(RUN)/loss.png   (tensorboard --logdir $(S))"
 	@echo "  unguided      $(METRICS_U)"
+	@echo "  demo report   $(REPORT_M)   (3 sampling seeds per guidance scale)"
 	@$(BIN)/python -c "import json; m = json.load(open('$(METRICS)')); print('  w = $(CFG)  ', m.get('summary', ''))"
 	@$(BIN)/python -c "import json; m = json.load(open('$(METRICS_U)')); print('  w = 1    ', m.get('summary', ''))"
+	@$(BIN)/python -c "import json; [print('  ', l) for l in json.load(open('$(REPORT_M)'))['summary']]"
 
 images: $(IMAGES_M) ## image shards from DATA
 $(IMAGES_M): | $(INSTALLED)
@@ -133,6 +138,18 @@ sample-unguided: $(SAMPLES_U_M) ## the same samples without guidance (w = 1), fo
 $(SAMPLES_U_M): $(DIT_M) $(VAE_M) $(DECODER_M)
 	$(call sample,$(RUN)-unguided,$(SAMPLE_ARGS) --cfg-scale 1)
 
+$(S)/samples/$(RUN)-seed%/manifest.json: $(DIT_M) $(VAE_M) $(DECODER_M)
+	$(LAUNCH) sample --dit $(S)/dit/$(RUN) --vae $(S)/vae/$(RUN) --decoder $(S)/decoder/$(RUN) \
+		--out $(S)/samples/$(RUN)-seed$* --seed $* --cfg-scale $(CFG) $(SAMPLE_ARGS)
+$(S)/samples/$(RUN)-unguided-seed%/manifest.json: $(DIT_M) $(VAE_M) $(DECODER_M)
+	$(LAUNCH) sample --dit $(S)/dit/$(RUN) --vae $(S)/vae/$(RUN) --decoder $(S)/decoder/$(RUN) \
+		--out $(S)/samples/$(RUN)-unguided-seed$* --seed $* --cfg-scale 1 $(SAMPLE_ARGS)
+
+report: $(REPORT_M) ## the demo's diversity, precision/recall (classifier features) and class-consistency over 3 seeds
+$(REPORT_M): $(METRICS) $(METRICS_U) $(CLASSIFIER_M) $(addsuffix /manifest.json,$(SEED_SAMPLES))
+	$(FLATDINO) demo-report --classifier $(S)/classifier/$(RUN) --fid $(S)/fid/$(RUN) --fid $(S)/fid/$(RUN)-unguided \
+		--out $@ $(S)/samples/$(RUN) $(S)/samples/$(RUN)-unguided $(SEED_SAMPLES) && touch $(S)/fid/.ran-$(RUN)
+
 classifier: $(CLASSIFIER_M) ## the demo's digit classifier, trained on the real training images
 $(CLASSIFIER_M): $(IMAGES_M)
 	$(FLATDINO) train-classifier --images $(S)/images/$(RUN) --out $(S)/classifier/$(RUN)
@@ -170,4 +187,5 @@ bench: $(INSTALLED) ## benchmarks that print figures (see bench/RESULTS.md)
 		|| echo "(make train-vae first for the reconstruction-quality benchmark)"
 
 clean-demo: ## delete the demo's artifacts (shards/*/demo*)
-	rm -rf $(S)/*/demo $(S)/*/demo-unguided $(S)/fid/.ran-demo
+	rm -rf $(S)/*/demo $(S)/*/demo-unguided $(S)/samples/demo-seed* $(S)/samples/demo-unguided-seed* \
+		$(S)/fid/.ran-demo

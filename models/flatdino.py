@@ -271,6 +271,14 @@ class FlatDINO(nn.Module):
         self.encoder.feature_mean.copy_(mean)
         self.encoder.feature_scale.copy_(std.clamp_min(STD_FLOOR))
 
+    def loss_units(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) features -> the units the reconstruction loss measures them in: for `standardize=True` models
+        the standardised features (X - mean) / scale the encoder sees, so every (patch, channel) counts by how it
+        varies between images, not by its per-position mean; otherwise X itself (the paper's loss)."""
+        if not self.cfg.standardize:
+            return x
+        return (x.float() - self.encoder.feature_mean) / self.encoder.feature_scale
+
     def encode(self, tokens: torch.Tensor) -> Posterior:
         """(B, N, D) -> Posterior(mu, logvar), each (B, T, F) float32."""
         return self.encoder(tokens)

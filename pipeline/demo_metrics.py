@@ -29,6 +29,8 @@ import numpy as np
 from pipeline.manifest import ArtifactError, atomic_write_json, require_complete
 
 DIGIT_MAX = 16.0  # scikit-learn's digits are integers 0..16
+DIVERSITY = ("mean L2 distance over pairs of samples of the same class, images block-averaged to the digits' 8 x 8 "
+             "grid on their 0..16 scale, averaged over classes; ratio = generated / real training digits")
 SCHEMA = 1
 
 
@@ -191,11 +193,13 @@ def report(classifier: Path, sample_dirs: list[Path], fid_dirs: list[Path]) -> d
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m pipeline.demo_metrics --classifier DIR --out FILE SAMPLES... [--fid DIR ...]`."""
+def _cli():
     import click
 
-    @click.command(help=__doc__.split("\n\n")[0])
+    @click.command("demo-report", help="The digits demo's report: within-class diversity (and its ratio to the real "
+                   "digits), precision / recall in the demo classifier's feature layer and class-consistency of every "
+                   "sampling setting among SAMPLES, each as the mean over its seeds with the spread; writes --out "
+                   "(metrics.json) and prints one line per setting. See pipeline/demo_metrics.py for the definitions.")
     @click.option("--classifier", type=click.Path(path_type=Path), required=True, help="train-classifier artifact")
     @click.option("--fid", "fid_dirs", type=click.Path(path_type=Path), multiple=True,
                   help="fid artifacts whose summaries join the report (matched to the samples they measured)")
@@ -212,7 +216,15 @@ def main(argv: list[str] | None = None) -> None:
         for line in rep["summary"]:
             click.echo(line)
 
-    cli.main(args=argv, prog_name="python -m pipeline.demo_metrics", standalone_mode=True)
+    return cli
+
+
+cli = _cli()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pipeline.demo_metrics ...`, the same as `flatdino demo-report ...`."""
+    cli.main(args=argv, prog_name="flatdino demo-report", standalone_mode=True)
 
 
 if __name__ == "__main__":

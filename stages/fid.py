@@ -40,6 +40,7 @@ from pipeline.manifest import (local_dirs, ArtifactError, Manifest, OutputDir, U
                                file_sha256, read_manifest, require_complete)
 from pipeline.runtime import Runtime, environment, get_logger, launch, progress
 from pipeline.shards import ImageShards, ShardSpec, load_rgb, plan_shards
+from pipeline import demo_metrics
 from stages.classifier import DigitClassifier, load_classifier
 
 log = get_logger(__name__)
@@ -182,6 +183,7 @@ def extract(ex: Extractors, images: np.ndarray, batch_size: int) -> dict[str, np
         out["dino_cls"], out["dino_patch_mean"] = np.concatenate(cls), np.concatenate(mean)
     if ex.classifier is not None:
         out["pred"] = ex.classifier.predict(images)
+        out["digit_grid"] = demo_metrics.digit_grids(images, ex.classifier.grid)  # (B, 64) on 0..16
     return out
 
 
@@ -510,7 +512,26 @@ def compute_metrics(sg: Gathered, ref: Reference, rg: Gathered | None, ex: Extra
     for space, name in DINO_SPACES.items():
         out[name] = {**_frechet(sg, ref_stats, space, ex.encoder_info, "DINOv2"), "space": space}
     out["class_consistency"] = _class_consistency(sg, ex, labels, classes)
+    out.update(_digit_metrics(sg, ex, labels))
     return out
+
+
+def _digit_metrics(sg: Gathered, ex: Extractors, labels: np.ndarray | None) -> dict:
+    """The digits demo's within-class diversity (and its ratio to the real training digits) and precision / recall
+    (k = 3) in the demo classifier's feature layer (`pipeline.demo_metrics`)."""
+    names = ("diversity", "digit_precision", "digit_recall")
+    if ex.classifier is None or ex.classifier.net is None:
+        reason = ex.classifier_info.get("reason", "the classifier artifact has no feature network (an older version)")
+        return {n: _missing(reason) for n in names}
+    if labels is None:
+        return {n: _missing("the samples carry no labels (arr_1)") for n in names}
+    ref = demo_metrics.reference(ex.classifier)
+    m = demo_metrics.grid_metrics(sg.arrays["digit_grid"], labels, sg.arrays["pred"], ex.classifier, ref)
+    space = f"demo classifier's hidden layer ({ex.classifier.net.b1.shape[0]} ReLU units)"
+    return {"diversity": {"value": m["diversity"], "ratio": m["diversity_ratio"], "real": ref.diversity,
+                          "definition": demo_metrics.DIVERSITY},
+            "digit_precision": {"value": m["precision"], "space": space, "k": 3},
+            "digit_recall": {"value": m["recall"], "space": space, "k": 3}}
 
 
 def protocol(samples: Samples, ref: Reference, ex: Extractors, classes: list[str]) -> dict:
@@ -614,8 +635,16 @@ def summary_line(report: dict) -> str:
     note = f" | {'/'.join(tf)} vs TF-graph reference statistics (samples: {TORCH_PORT})" if tf else ""
     return (f"fid: FID {_fmt(x['fid'])} | sFID {_fmt(x['sfid'])} | IS {_fmt(x['inception_score'], 2)} | precision "
             f"{_fmt(x['precision'], 3)} recall {_fmt(x['recall'], 3)} | FD-DINOv2(cls) {_fmt(x['fd_dinov2'])} | "
-            f"class-consistency {_fmt(x['class_consistency'], 3)} | {p['num_samples']} samples vs "
+            f"class-consistency {_fmt(x['class_consistency'], 3)}{_digit_summary(x)} | {p['num_samples']} samples vs "
             f"{p['reference']['kind']} {p['reference']['path']}{note}")
+
+
+def _digit_summary(x: dict) -> str:
+    d = x.get("diversity", {"value": None})
+    if d["value"] is None:
+        return ""
+    return (f" | diversity {d['value']:.1f} (ratio {d['ratio']:.2f} to real) | digit precision "
+            f"{_fmt(x['digit_precision'], 3)} recall {_fmt(x['digit_recall'], 3)}")
 
 
 def ref_summary(m: Manifest) -> str:

@@ -1,6 +1,7 @@
 """`flatdino train-vae`: train the FlatDINO beta-VAE on DINOv2 patch features (SPEC.md section 5).
 
-Loss: mean Huber(delta=1) + beta * per-sample summed KL (beta = 5.12e-4 / (T*F) unless given). AdamW (0.9, 0.999,
+Loss: mean Huber(delta=1) + beta * per-sample summed KL (beta = 5.12e-4 / (T*F) unless given); with
+--standardize-features (not in the paper) the Huber term is taken on the standardised features. AdamW (0.9, 0.999,
 eps 1e-8), weight decay 0.02 on 2-D weights only, global-norm clip 10, WSD schedule (1e-6 -> peak over 5 epochs,
 hold, linear to 1e-8 over the last 10/15/15/25% of epochs), global batch 512 from any micro-batch and world size.
 
@@ -90,8 +91,9 @@ class Config(TrainOptions):
     decoder_registers: int = field(default=0, metadata=opt("disposable decoder registers (official -drN)", min=0))
     standardize_features: bool = field(default=False, metadata=opt(
         "not in the paper: the encoder sees (X - mean) / max(std, 0.1) per patch and channel, statistics of the "
-        "train features stored with the weights; the demo needs it (its random-encoder features are dominated by "
-        "their per-position mean). Needs --source features; two passes over them when they do not fit --cache-gb"))
+        "train features stored with the weights, and the Huber loss is measured in those units; the demo needs it "
+        "(its random-encoder features are dominated by their per-position mean). Needs --source features; two "
+        "passes over them when they do not fit --cache-gb"))
     variant: Literal["fast", "med", "long", "ext", "demo"] = field(default="long", metadata=opt(
         "run length: fast 50 / med 100 / long 150 / ext 300 epochs (decay over the last 10/15/15/25%); demo: CPU"))
     epochs: int | None = field(default=None, metadata=opt("override the variant's epochs", min=1))
@@ -223,11 +225,13 @@ def patch_cosine(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(recon.float(), target.float(), dim=-1).mean()
 
 
-def vae_step_loss(model, tokens: torch.Tensor, d: dict, step: int, cfg: Config, plan: Plan):
-    """Loss of one micro-batch of tokens (b, N, D) with its noise (b, T, F); scalars for the logs."""
+def vae_step_loss(model, raw: FlatDINO, tokens: torch.Tensor, d: dict, step: int, cfg: Config, plan: Plan):
+    """Loss of one micro-batch of tokens (b, N, D) with its noise (b, T, F); scalars for the logs. `model` runs the
+    forward (maybe wrapped for DDP / compile), `raw` is the FlatDINO it wraps (the loss units)."""
     out = model(tokens, d["noise"])
     beta = plan.beta * kl_anneal(step, cfg.kl_anneal_steps)
-    loss = vae_loss(out.recon, tokens, out.posterior, beta, cfg.free_bits, cfg.kl_var_weight)
+    loss = vae_loss(raw.loss_units(out.recon), raw.loss_units(tokens), out.posterior, beta, cfg.free_bits,
+                    cfg.kl_var_weight)
     return loss.total, {"recon": loss.recon, "kl": loss.kl, "kl_var": loss.kl_var,
                         "cosine": patch_cosine(out.recon.detach(), tokens), "kl_per_token": loss.kl_per_token}
 
@@ -243,7 +247,7 @@ def recipe(cfg: Config, data: TrainData, plan: Plan, model: FlatDINO) -> Recipe:
 
     return Recipe(model, optimizer, plan.total, g, cfg.micro_batch, plan.lr,
                   lambda step, sl: data.batch(range(step * g + sl.start, step * g + sl.stop)),
-                  lambda model, tokens, d, step: vae_step_loss(model, tokens, d, step, cfg, plan), draw,
+                  lambda wrapped, tokens, d, step: vae_step_loss(wrapped, model, tokens, d, step, cfg, plan), draw,
                   clip=cfg.grad_clip, title="train-vae")
 
 
@@ -257,7 +261,8 @@ def validate(model: FlatDINO, data: TrainData, cfg: Config, rt: Runtime) -> dict
         tokens = data.val_batch(range(start, min(start + cfg.micro_batch, n))).to(rt.device)
         with rt.autocast():
             recon = model(tokens).recon
-        per_sample = F.huber_loss(recon.float(), tokens, delta=1.0, reduction="none").mean(dim=(1, 2))
+        per_sample = F.huber_loss(model.loss_units(recon), model.loss_units(tokens), delta=1.0,
+                                  reduction="none").mean(dim=(1, 2))
         cos = F.cosine_similarity(recon.float(), tokens, dim=-1).mean(dim=1)
         sums += torch.stack([per_sample.sum(), cos.sum(), per_sample.new_tensor(len(tokens))]).double().cpu()
     total, cos, count = rt.all_reduce_sum_(sums.to(rt.device)).cpu().tolist()

@@ -143,3 +143,31 @@ def test_command_line_writes_the_report(digits_classifier, tmp_path, capsys):
     assert e.value.code == 0
     rep = json.loads(out.read_text())
     assert rep["settings"][0]["seeds"] == [0, 1] and capsys.readouterr().out.strip() == rep["summary"][0]
+
+
+def test_fid_with_the_classifier_reports_diversity_and_digit_precision_recall(digits_classifier, tmp_path):
+    """`flatdino fid --classifier` writes the demo metrics of its samples into metrics.json and its summary line: the
+    same numbers `pipeline.demo_metrics` computes, so `make fid` and the report agree on seed 0."""
+    from stages import fid
+
+    clf, _ = classifier.load_classifier(digits_classifier)
+    x = np.stack([_digit_rgb(g.reshape(8, 8) * 16.0) for g in clf.val.grid])
+    samples = fake_samples(tmp_path / "s", x, clf.val.label, 0, 2.0)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=x)
+    fid.run(fid.Config(samples=samples, reference=ref, out=tmp_path / "fid", classifier=digits_classifier,
+                       device="cpu"))
+    rep = json.loads((tmp_path / "fid" / "metrics.json").read_text())
+    want = dm.sample_metrics(x, clf.val.label, clf, dm.reference(clf))
+    got = rep["metrics"]
+    assert got["diversity"]["value"] == pytest.approx(want["diversity"])
+    assert got["diversity"]["ratio"] == pytest.approx(want["diversity_ratio"])
+    assert got["digit_recall"]["value"] == pytest.approx(want["recall"]) and got["digit_recall"]["k"] == 3
+    assert got["digit_precision"]["value"] == pytest.approx(want["precision"])
+    assert got["class_consistency"]["value"] == pytest.approx(want["class_consistency"])
+    assert 0.8 < got["diversity"]["ratio"] < 1.2  # held-out real digits are about as varied as the training ones
+    assert f"ratio {want['diversity_ratio']:.2f} to real" in rep["summary"]
+    copies = fake_samples(tmp_path / "c", np.repeat(x[:1], len(x), 0), clf.val.label, 0, 2.0)
+    fid.run(fid.Config(samples=copies, reference=ref, out=tmp_path / "fid-c", classifier=digits_classifier,
+                       device="cpu"))
+    assert json.loads((tmp_path / "fid-c" / "metrics.json").read_text())["metrics"]["diversity"]["value"] == 0.0

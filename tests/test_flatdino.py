@@ -215,6 +215,23 @@ def test_standardize_feeds_the_encoder_floored_standardised_features():
         plain.set_feature_stats(mean, std)
 
 
+def test_standardized_models_measure_the_reconstruction_in_standardised_units():
+    """With `standardize=True` the loss sees (X - mean) / scale: an error in a channel that barely varies between
+    images costs as much as a large one in a channel that varies a lot; plain models keep the paper's raw loss."""
+    plain, standard = small(), small(standardize=True)
+    mean = torch.full((16, 48), 3.0)
+    std = torch.ones(16, 48)
+    std[:, :24] = 0.2
+    standard.set_feature_stats(mean, std)
+    x = torch.randn(2, 16, 48)
+    assert plain.loss_units(x) is x
+    torch.testing.assert_close(standard.loss_units(x), (x - 3.0) / standard.encoder.feature_scale)
+    err = torch.zeros_like(x)
+    err[..., 0], err[..., 30] = 0.1, 0.5  # 0.1 where std is 0.2, 0.5 where std is 1: the same in standard units
+    d = standard.loss_units(x + err) - standard.loss_units(x)
+    torch.testing.assert_close(d[..., 0], d[..., 30])
+
+
 # ------------------------------------------------------------------ projections only between different sizes
 
 
