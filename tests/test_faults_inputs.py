@@ -173,8 +173,6 @@ def test_a_nan_written_into_a_feature_shard_is_refused_naming_it_and_the_repair_
         tmp_path, images_artifact, encoder_dir, consumer):
     """One NaN in a committed feature shard, size unchanged: the consumer stops before training / writing, naming the
     shard and the sample; following the message (delete the shard, re-run features) restores the same bytes."""
-    import shutil
-
     import stages.latents as lt
     import stages.train_vae as tv
 
