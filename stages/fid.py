@@ -58,6 +58,18 @@ DINO_SPACES = {"dino_cls": "fd_dinov2", "dino_patch_mean": "fd_dinov2_patch_mean
 # ----------------------------------------------------------------------------------------------- configs
 
 
+def _download_field():
+    return field(default=False, metadata=opt(
+        "download the Inception weights into the torch.hub cache when absent (off: nothing touches the network)",
+        runtime=True))
+
+
+def _require_inception_field():
+    return field(default=False, metadata=opt(
+        "fail (exit non-zero) when the Inception weights are absent, instead of reporting FID etc. as n/a",
+        runtime=True))
+
+
 @dataclass(frozen=True)
 class RefConfig(Checked):
     images: Path = field(metadata=opt("images artifact (flatdino images --out)", runtime=True))
@@ -75,12 +87,8 @@ class RefConfig(Checked):
         "(~75 MB with Inception pool_3 and sFID), so ImageNet-train takes ~9.6 GB of blocks at 10,000", min=1))
     batch_size: int = field(default=64, metadata=opt("images per network forward", runtime=True, min=1))
     num_workers: int = field(default=4, metadata=opt("image decoding threads per process", runtime=True, min=1))
-    download: bool = field(default=False, metadata=opt(
-        "download the Inception weights into the torch.hub cache when absent (off: nothing touches the network)",
-        runtime=True))
-    require_inception: bool = field(default=False, metadata=opt(
-        "fail (exit non-zero) when the Inception weights are absent, instead of reporting FID etc. as n/a",
-        runtime=True))
+    download: bool = _download_field()
+    require_inception: bool = _require_inception_field()
     device: str = field(default="auto", metadata=opt("auto, cpu, cuda, cuda:1 ...", runtime=True))
     overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
                                                         runtime=True))
@@ -101,12 +109,8 @@ class Config(Checked):
         "torch-fidelity inception-v3-compat weights (.pth); default: the torch.hub cache (see --download)", runtime=True))
     block_size: int = field(default=5000, metadata=opt("samples per work block (the unit of resume and of ranks)", min=1))
     batch_size: int = field(default=64, metadata=opt("images per network forward", runtime=True, min=1))
-    download: bool = field(default=False, metadata=opt(
-        "download the Inception weights into the torch.hub cache when absent (off: nothing touches the network)",
-        runtime=True))
-    require_inception: bool = field(default=False, metadata=opt(
-        "fail (exit non-zero) when the Inception weights are absent, instead of reporting FID etc. as n/a",
-        runtime=True))
+    download: bool = _download_field()
+    require_inception: bool = _require_inception_field()
     device: str = field(default="auto", metadata=opt("auto, cpu, cuda, cuda:1 ...", runtime=True))
     overwrite: bool = field(default=False, metadata=opt("delete an existing artifact made with another config",
                                                         runtime=True))
