@@ -214,9 +214,13 @@ class FlatEncoder(nn.Module):
             self.register_buffer("feature_mean", torch.zeros(cfg.num_patches, cfg.feature_dim))
             self.register_buffer("feature_scale", torch.ones(cfg.num_patches, cfg.feature_dim))
 
+    def standardized(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (X - mean) / scale in float32 (needs `standardize`)."""
+        return (x.float() - self.feature_mean) / self.feature_scale
+
     def forward(self, tokens: torch.Tensor) -> Posterior:
         if self.standardize:
-            tokens = ((tokens.float() - self.feature_mean) / self.feature_scale).to(tokens.dtype)
+            tokens = self.standardized(tokens).to(tokens.dtype)
         x = self.in_proj(tokens)  # (B, N, W)
         x = _prepend(x, self.registers, self.latent_tokens)  # (B, R + T + N, W)
         x = self.trunk(x)
@@ -275,9 +279,7 @@ class FlatDINO(nn.Module):
         """(B, N, D) features -> the units the reconstruction loss measures them in: for `standardize=True` models
         the standardised features (X - mean) / scale the encoder sees, so every (patch, channel) counts by how it
         varies between images, not by its per-position mean; otherwise X itself (the paper's loss)."""
-        if not self.cfg.standardize:
-            return x
-        return (x.float() - self.encoder.feature_mean) / self.encoder.feature_scale
+        return self.encoder.standardized(x) if self.cfg.standardize else x
 
     def encode(self, tokens: torch.Tensor) -> Posterior:
         """(B, N, D) -> Posterior(mu, logvar), each (B, T, F) float32."""
