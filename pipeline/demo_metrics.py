@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import click
 import numpy as np
 
 from pipeline.manifest import ArtifactError, atomic_write_json, require_complete
@@ -98,14 +99,16 @@ def grid_metrics(grids: np.ndarray, labels: np.ndarray, pred: np.ndarray, clf, r
 
 def sample_metrics(images: np.ndarray, labels: np.ndarray, clf, ref: Reference) -> dict[str, float]:
     """`grid_metrics` of uint8 images (N, H, W, 3)."""
-    return grid_metrics(digit_grids(images, clf.grid), labels, clf.predict(images), clf, ref)
+    from stages.classifier import to_grid
+
+    grid = to_grid(images, clf.grid)  # once, for the prediction and the metrics
+    return grid_metrics(grid * DIGIT_MAX, labels, clf.predict_grids(grid), clf, ref)
 
 
 def real_val_metrics(clf, ref: Reference) -> dict[str, float]:
     """The same metrics for the held-out real digits: what real data of about the samples' size scores."""
     grids = clf.val.grid * DIGIT_MAX
-    pred = np.argmax(clf.val.grid @ clf.coef.T + clf.intercept, axis=1)
-    return grid_metrics(grids, clf.val.label, pred, clf, ref)
+    return grid_metrics(grids, clf.val.label, clf.predict_grids(clf.val.grid), clf, ref)
 
 
 # ----------------------------------------------------------------------------------------------- the report
@@ -193,33 +196,25 @@ def report(classifier: Path, sample_dirs: list[Path], fid_dirs: list[Path]) -> d
     }
 
 
-def _cli():
-    import click
-
-    @click.command("demo-report", help="The digits demo's report: within-class diversity (and its ratio to the real "
-                   "digits), precision / recall in the demo classifier's feature layer and class-consistency of every "
-                   "sampling setting among SAMPLES, each as the mean over its seeds with the spread; writes --out "
-                   "(metrics.json) and prints one line per setting. See pipeline/demo_metrics.py for the definitions.")
-    @click.option("--classifier", type=click.Path(path_type=Path), required=True, help="train-classifier artifact")
-    @click.option("--fid", "fid_dirs", type=click.Path(path_type=Path), multiple=True,
-                  help="fid artifacts whose summaries join the report (matched to the samples they measured)")
-    @click.option("--out", type=click.Path(path_type=Path), required=True, help="the report, e.g. .../metrics.json")
-    @click.argument("samples", nargs=-1, required=True, type=click.Path(path_type=Path))
-    def cli(classifier: Path, fid_dirs: tuple[Path, ...], out: Path, samples: tuple[Path, ...]) -> None:
-        try:
-            rep = report(classifier, list(samples), list(fid_dirs))
-        except ArtifactError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out, rep)
-        for line in rep["summary"]:
-            click.echo(line)
-
-    return cli
-
-
-cli = _cli()
+@click.command("demo-report", help="The digits demo's report: within-class diversity (and its ratio to the real "
+               "digits), precision / recall in the demo classifier's feature layer and class-consistency of every "
+               "sampling setting among SAMPLES, each as the mean over its seeds with the spread; writes --out "
+               "(metrics.json) and prints one line per setting. See pipeline/demo_metrics.py for the definitions.")
+@click.option("--classifier", type=click.Path(path_type=Path), required=True, help="train-classifier artifact")
+@click.option("--fid", "fid_dirs", type=click.Path(path_type=Path), multiple=True,
+              help="fid artifacts whose summaries join the report (matched to the samples they measured)")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="the report, e.g. .../metrics.json")
+@click.argument("samples", nargs=-1, required=True, type=click.Path(path_type=Path))
+def cli(classifier: Path, fid_dirs: tuple[Path, ...], out: Path, samples: tuple[Path, ...]) -> None:
+    try:
+        rep = report(classifier, list(samples), list(fid_dirs))
+    except ArtifactError as e:
+        click.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, rep)
+    for line in rep["summary"]:
+        click.echo(line)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -86,7 +86,10 @@ class DigitClassifier(NamedTuple):
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 images (N, H, W, 3) -> predicted class indices (N,) int64."""
-        x = to_grid(images, self.grid)
+        return self.predict_grids(to_grid(images, self.grid))
+
+    def predict_grids(self, x: np.ndarray) -> np.ndarray:
+        """Grids (N, grid*grid) in [0, 1] (`to_grid`) -> predicted class indices (N,) int64."""
         return np.argmax(x @ self.coef.T + self.intercept, axis=1).astype(np.int64)
 
     def features(self, images: np.ndarray) -> np.ndarray:
@@ -178,7 +181,7 @@ def run(cfg: Config) -> Manifest:
         g_tr, g_val = to_grid(x_tr, cfg.grid), to_grid(x_val, cfg.grid)
         net, net_model = _fit_net(g_tr, y_tr, cfg)
         clf = clf._replace(net=net, train=RealDigits(g_tr, y_tr), val=RealDigits(g_val, y_val))
-        val_pred = clf.predict(x_val)
+        val_pred = clf.predict_grids(g_val)
         val_acc = float(np.mean(val_pred == y_val))
         if val_acc < cfg.min_val_accuracy:
             raise UserError(f"held-out accuracy {val_acc:.3f} is below --min-val-accuracy {cfg.min_val_accuracy}; "
@@ -193,7 +196,7 @@ def run(cfg: Config) -> Manifest:
             counts={"written": 1, "skipped": 0, "failed": 0},
             inputs={"images": {"path": str(cfg.images), "fingerprint": images.manifest.fingerprint}},
             shards=[{"name": WEIGHTS, "sha256": file_sha256(od.path / WEIGHTS)}],
-            extra={"val_accuracy": val_acc, "train_accuracy": float(np.mean(clf.predict(x_tr) == y_tr)),
+            extra={"val_accuracy": val_acc, "train_accuracy": float(np.mean(clf.predict_grids(g_tr) == y_tr)),
                    "val_accuracy_per_class": per_class_accuracy(val_pred, y_val, len(images.classes)),
                    "num_train": len(y_tr), "num_val": len(y_val), "classes": images.classes, "grid": cfg.grid,
                    "feature_net": {"hidden": cfg.hidden, "val_accuracy": float(net_model.score(g_val, y_val)),

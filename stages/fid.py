@@ -41,7 +41,7 @@ from pipeline.manifest import (local_dirs, ArtifactError, Manifest, OutputDir, U
 from pipeline.runtime import Runtime, environment, get_logger, launch, progress
 from pipeline.shards import ImageShards, ShardSpec, load_rgb, plan_shards
 from pipeline import demo_metrics
-from stages.classifier import DigitClassifier, load_classifier
+from stages.classifier import DigitClassifier, load_classifier, to_grid
 
 log = get_logger(__name__)
 
@@ -186,8 +186,9 @@ def extract(ex: Extractors, images: np.ndarray, batch_size: int) -> dict[str, np
             mean.append(tokens.patches.float().mean(dim=1).cpu().numpy())
         out["dino_cls"], out["dino_patch_mean"] = np.concatenate(cls), np.concatenate(mean)
     if ex.classifier is not None:
-        out["pred"] = ex.classifier.predict(images)
-        out["digit_grid"] = demo_metrics.digit_grids(images, ex.classifier.grid)  # (B, 64) on 0..16
+        grid = to_grid(images, ex.classifier.grid)  # (B, 64) in [0, 1], once for both
+        out["pred"] = ex.classifier.predict_grids(grid)
+        out["digit_grid"] = grid * demo_metrics.DIGIT_MAX  # on the digits' 0..16 scale
     return out
 
 
@@ -644,7 +645,7 @@ def summary_line(report: dict) -> str:
 
 
 def _digit_summary(x: dict) -> str:
-    d = x.get("diversity", {"value": None})
+    d = x["diversity"]
     if d["value"] is None:
         return ""
     return (f" | diversity {d['value']:.1f} (ratio {d['ratio']:.2f} to real) | digit precision "
