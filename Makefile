@@ -55,9 +55,10 @@ endif
 # the demo encoder is a local random-weight directory made by `flatdino init-encoder`; a hub id needs no target
 ENCODER_DEP := $(if $(wildcard $(ENCODER)),,$(if $(findstring $(S)/encoder/,$(ENCODER)),$(ENCODER)/config.json,))
 DEMO_CLASSIFIER := $(if $(filter demo,$(RUN)),--classifier $(S)/classifier/$(RUN),)# the digits demo's class-consistency
-# $(call sample,NAME,ARGS): samples of this run's networks into shards/samples/NAME; $(call fid,NAME): their metrics
+# $(call sample,NAME,ARGS[,SEED]): samples of this run's networks into shards/samples/NAME (seed: SEED or $(SEED));
+# $(call fid,NAME): their metrics
 sample = $(LAUNCH) sample --dit $(S)/dit/$(RUN) --vae $(S)/vae/$(RUN) --decoder $(S)/decoder/$(RUN) \
-	--out $(S)/samples/$(1) --seed $(SEED) $(2)
+	--out $(S)/samples/$(1) --seed $(or $(3),$(SEED)) $(2)
 fid = $(LAUNCH) fid --samples $(S)/samples/$(1) --reference $(REFERENCE) --encoder $(ENCODER) \
 	--out $(S)/fid/$(1) $(DEMO_CLASSIFIER) $(FID_ARGS) && touch $(S)/fid/.ran-$(RUN)
 
@@ -139,11 +140,9 @@ $(SAMPLES_U_M): $(DIT_M) $(VAE_M) $(DECODER_M)
 	$(call sample,$(RUN)-unguided,$(SAMPLE_ARGS) --cfg-scale 1)
 
 $(S)/samples/$(RUN)-seed%/manifest.json: $(DIT_M) $(VAE_M) $(DECODER_M)
-	$(LAUNCH) sample --dit $(S)/dit/$(RUN) --vae $(S)/vae/$(RUN) --decoder $(S)/decoder/$(RUN) \
-		--out $(S)/samples/$(RUN)-seed$* --seed $* --cfg-scale $(CFG) $(SAMPLE_ARGS)
+	$(call sample,$(RUN)-seed$*,--cfg-scale $(CFG) $(SAMPLE_ARGS),$*)
 $(S)/samples/$(RUN)-unguided-seed%/manifest.json: $(DIT_M) $(VAE_M) $(DECODER_M)
-	$(LAUNCH) sample --dit $(S)/dit/$(RUN) --vae $(S)/vae/$(RUN) --decoder $(S)/decoder/$(RUN) \
-		--out $(S)/samples/$(RUN)-unguided-seed$* --seed $* --cfg-scale 1 $(SAMPLE_ARGS)
+	$(call sample,$(RUN)-unguided-seed$*,$(SAMPLE_ARGS) --cfg-scale 1,$*)
 
 report: $(REPORT_M) ## the demo's diversity, precision/recall (classifier features) and class-consistency over 3 seeds
 $(REPORT_M): $(METRICS) $(METRICS_U) $(CLASSIFIER_M) $(addsuffix /manifest.json,$(SEED_SAMPLES))
