@@ -70,6 +70,21 @@ def test_encoder_has_no_positional_embedding():
     torch.testing.assert_close(a.logvar, b.logvar, atol=1e-5, rtol=1e-5)
 
 
+
+def test_encoder_pos_embed_is_one_table_added_after_the_input_projection():
+    """`encoder_pos_embed` (the demo preset's departure): a learned (1, N, width) table added to the projected patch
+    tokens, which breaks the permutation invariance above; the paper presets keep none."""
+    model, tokens = small(encoder_pos_embed=True), torch.randn(2, 16, 48)
+    enc = model.encoder
+    assert enc.pos_embed.shape == (1, 16, 64) and enc.pos_embed.std() > 0.01  # initialised like the other tables
+    assert sum(p.numel() for p in enc.parameters()) == sum(p.numel() for p in small().encoder.parameters()) + 16 * 64
+    x = torch.cat([enc.latent_tokens.expand(2, -1, -1), enc.in_proj(tokens) + enc.pos_embed], 1)
+    h = enc.out_proj(enc.trunk(x))
+    torch.testing.assert_close(model.encode(tokens).mu, h[:, :4, :8])
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(1))
+    assert (model.encode(tokens).mu - model.encode(tokens[:, perm]).mu).abs().max() > 1e-2
+    assert PRESETS["demo"].encoder_pos_embed and not any(PRESETS[k].encoder_pos_embed for k in PRESETS if k != "demo")
+
 def test_projections_bias_free_and_skipped_at_feature_width():
     model = small()
     assert model.encoder.in_proj.bias is None and model.encoder.out_proj.bias is None
