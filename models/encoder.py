@@ -131,10 +131,24 @@ def build_rae(preset: str = "tiny", **overrides):
     return AutoencoderRAE(**{**COMMON, **PRESETS[preset], **overrides})
 
 
+# Random-weight presets whose patch embedding is scaled after the usual init (trunc normal, std 0.02). "demo": at
+# std 0.02 over 3 x 14 x 14 inputs the patch embedding of an ImageNet-normalised grey level is ~24x the position
+# embedding (also std 0.02), so after LayerNorm a token is mostly sign(grey - 0.485) times one shared direction: the
+# random features keep little of the image beyond a bag of scalars. Scaled by 1/24, the two are comparable and the
+# tokens stay in LayerNorm's near-linear range; on the digits the pixel decoder goes 37.8 -> 41 dB and the FlatDINO
+# round trip +1.7 dB at the same updates (bench/RESULTS.md, issue 17). Real DINOv2 weights are never rescaled.
+PATCH_EMBED_SCALE: dict[str, float] = {"demo": 1 / 24}
+PATCH_EMBED_WEIGHT = "encoder.embeddings.patch_embeddings.projection.weight"
+
+
 def init_rae_dir(out: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight RAE directory in the same format as a pretrained one (config + safetensors)."""
+    """Write a random-weight RAE directory in the same format as a pretrained one (config + safetensors); presets in
+    `PATCH_EMBED_SCALE` get their patch embedding scaled after the init."""
     torch.manual_seed(seed)
     rae = build_rae(preset)
+    if preset in PATCH_EMBED_SCALE:
+        with torch.no_grad():
+            dict(rae.named_parameters())[PATCH_EMBED_WEIGHT].mul_(PATCH_EMBED_SCALE[preset])
     rae.save_pretrained(out, safe_serialization=True)
     return Path(out)
 

@@ -248,3 +248,20 @@ def test_encoders_of_another_input_size_have_another_fingerprint():
     c = build_rae("tiny", patch_size=32)
     assert state_fingerprint(c.decoder) != state_fingerprint(a.decoder) or \
         PixelDecoder(c).fingerprint != PixelDecoder(a).fingerprint
+
+
+def test_demo_encoder_patch_embedding_is_scaled_and_nothing_else(tmp_path):
+    """`init-encoder --preset demo` = the usual random init with the patch embedding times 1/24 (PATCH_EMBED_SCALE);
+    the tiny preset is the plain init. The scaled encoder keeps grey level and position comparable, which is what
+    keeps the demo's features informative (bench/RESULTS.md, issue 17)."""
+    from models.encoder import PATCH_EMBED_SCALE, PATCH_EMBED_WEIGHT, build_rae, init_rae_dir, load_rae
+
+    for preset in ("demo", "tiny"):
+        torch.manual_seed(3)
+        plain = dict(build_rae(preset).named_parameters())
+        written = dict(load_rae(init_rae_dir(tmp_path / preset, preset, seed=3)).named_parameters())
+        assert written.keys() == plain.keys()
+        scale = PATCH_EMBED_SCALE.get(preset, 1.0)
+        for name, p in plain.items():
+            torch.testing.assert_close(written[name], p * scale if name == PATCH_EMBED_WEIGHT else p, rtol=0, atol=0)
+    assert PATCH_EMBED_SCALE == {"demo": 1 / 24}
