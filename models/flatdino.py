@@ -210,6 +210,7 @@ class FlatEncoder(nn.Module):
         super().__init__()
         size = cfg.encoder_size
         self.num_tokens, self.latent_dim, self.skip = cfg.num_tokens, cfg.latent_dim, cfg.encoder_registers
+        self.num_patches = cfg.num_patches
         self.in_proj = _projection(cfg.feature_dim, size.width)
         self.pos_embed = _tokens(cfg.num_patches, size.width) if cfg.encoder_pos_embed else None
         self.registers = _tokens(cfg.encoder_registers, size.width)
@@ -226,6 +227,10 @@ class FlatEncoder(nn.Module):
         return (x.float() - self.feature_mean) / self.feature_scale
 
     def forward(self, tokens: torch.Tensor) -> Posterior:
+        if (self.standardize or self.pos_embed is not None) and tokens.shape[1] != self.num_patches:
+            raise ValueError(f"this FlatDINO encoder was built for {self.num_patches} patch tokens (its positional "
+                             f"embedding / feature statistics are per patch) but got {tokens.shape[1]}; use features "
+                             "of the encoder it was trained on")
         if self.standardize:
             tokens = self.standardized(tokens).to(tokens.dtype)
         x = self.in_proj(tokens)  # (B, N, W)

@@ -83,6 +83,8 @@ def test_encoder_pos_embed_is_one_table_added_after_the_input_projection():
     torch.testing.assert_close(model.encode(tokens).mu, h[:, :4, :8])
     perm = torch.randperm(16, generator=torch.Generator().manual_seed(1))
     assert (model.encode(tokens).mu - model.encode(tokens[:, perm]).mu).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="built for 16 patch tokens"):
+        model.encode(tokens[:, :8])
     assert PRESETS["demo"].encoder_pos_embed and not any(PRESETS[k].encoder_pos_embed for k in PRESETS if k != "demo")
 
 def test_projections_bias_free_and_skipped_at_feature_width():

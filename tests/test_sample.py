@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def make_vae(root: Path, encoder_dir: Path, seed: int = 0) -> Path:
     """A finished train-vae run directory (best/ and last/) holding a random demo FlatDINO for `encoder_dir`."""
     torch.manual_seed(seed)
-    cfg = VAE_PRESETS["demo"]
+    cfg = replace(VAE_PRESETS["demo"], num_patches=FeatureEncoder(load_rae(encoder_dir)).num_patches)
     model = FlatDINO(cfg)
     shards, models = [], {}
     for which in ("best", "last"):
