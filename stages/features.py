@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Literal
 import numpy as np
 import torch
 
-from models.encoder import FeatureEncoder, encoder_fingerprint, init_rae_dir, load_rae
+from models.encoder import PATCH_EMBED_SCALE, FeatureEncoder, encoder_fingerprint, init_rae_dir, load_rae
 from models.imaging import decode_item, worker_init
 from pipeline.config import Checked, command_from_config, config_to_dict, opt
 from pipeline.manifest import ArtifactError, Manifest, OutputDir, TooManyFailures, local_dirs
@@ -294,13 +294,14 @@ class InitConfig(Checked):
 
 
 def init_encoder(cfg: InitConfig) -> Path:
-    """Write a random-weight RAE directory unless one with the same preset and seed is already there."""
-    stamp = cfg.out / "init.json"
-    if stamp.exists() and stamp.read_text() == repr((cfg.preset, cfg.seed)):
+    """Write a random-weight RAE directory unless one made by the same recipe (preset, seed and the preset's
+    patch-embedding scale, which changed the demo's weights for the same preset and seed) is already there."""
+    stamp, recipe = cfg.out / "init.json", repr((cfg.preset, cfg.seed, PATCH_EMBED_SCALE.get(cfg.preset, 1.0)))
+    if stamp.exists() and stamp.read_text() == recipe:
         log.info("%s already holds preset %s seed %d; nothing to do", cfg.out, cfg.preset, cfg.seed)
         return cfg.out
     init_rae_dir(cfg.out, cfg.preset, cfg.seed)
-    stamp.write_text(repr((cfg.preset, cfg.seed)))
+    stamp.write_text(recipe)
     return cfg.out
 
 

@@ -265,3 +265,22 @@ def test_demo_encoder_patch_embedding_is_scaled_and_nothing_else(tmp_path):
         for name, p in plain.items():
             torch.testing.assert_close(written[name], p * scale if name == PATCH_EMBED_WEIGHT else p, rtol=0, atol=0)
     assert PATCH_EMBED_SCALE == {"demo": 1 / 24}
+
+
+def test_init_encoder_rewrites_a_demo_encoder_made_before_the_patch_embedding_scale(tmp_path):
+    """init-encoder's stamp names the recipe, scale included: a demo encoder written by the unscaled init (same preset
+    and seed) is re-made, one written by this recipe is left alone."""
+    from models.encoder import PATCH_EMBED_WEIGHT, build_rae, load_rae
+    from stages.features import InitConfig, init_encoder
+
+    out = tmp_path / "enc"
+    init_encoder(InitConfig(out=out, preset="demo", seed=0))
+    torch.manual_seed(0)
+    (out / "init.json").write_text(repr(("demo", 0)))  # the stamp of the unscaled recipe
+    build_rae("demo").save_pretrained(out, safe_serialization=True)
+    init_encoder(InitConfig(out=out, preset="demo", seed=0))
+    first = dict(load_rae(out).named_parameters())[PATCH_EMBED_WEIGHT].detach().clone()
+    assert first.std() < 0.02 / 10  # re-made with the scale
+    mtime = (out / enc.WEIGHTS_NAME).stat().st_mtime_ns
+    init_encoder(InitConfig(out=out, preset="demo", seed=0))
+    assert (out / enc.WEIGHTS_NAME).stat().st_mtime_ns == mtime  # same recipe: nothing written
