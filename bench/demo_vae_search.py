@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models.flatdino as fd  # noqa: E402
 from models.encoder import PixelDecoder, load_rae  # noqa: E402
 from pipeline.image_metrics import psnr  # noqa: E402
+from pipeline.runtime import Runtime  # noqa: E402
 from pipeline.train_data import FeatureData  # noqa: E402
+from stages.train_vae import ADAM_BETAS, ADAM_EPS, LR_FINAL, LR_INIT, Config  # noqa: E402
 
 DEFAULTS = dict(width=64, depth=1, heads=4, mlp=0, ddepth=0, dheads=0, pos=1, pinit=0.02, steps=2021, batch=64,
                 lr=2e-3, dfrac=0.25, wd=0.02, T=8, F=32, kl=-1.0, seed=0, feats="shards/features/demo",
@@ -63,8 +65,9 @@ def main() -> None:
     if a["pos"]:
         with torch.no_grad():
             model.encoder.pos_embed.mul_(a["pinit"] / 0.02)
-    model.set_feature_stats(train.double().mean(0).float(), train.double().std(0, correction=0).float())
-    opt = torch.optim.AdamW(fd.param_groups(model, a["wd"]), lr=1e-6, betas=(0.9, 0.999), eps=1e-8)
+    model.set_feature_stats(*data.feature_stats(Runtime()))  # train-vae's statistics, same float64 reduction
+    opt = torch.optim.AdamW(fd.param_groups(model, a["wd"]), lr=LR_INIT, betas=ADAM_BETAS, eps=ADAM_EPS)
+    clip = Config.__dataclass_fields__["grad_clip"].default
     n, g, total = len(train), a["batch"], a["steps"]
     warmup, decay = n // g, round(a["dfrac"] * total)
     beta = fd.default_kl_weight(a["T"], a["F"]) if a["kl"] < 0 else a["kl"]
@@ -86,12 +89,12 @@ def main() -> None:
         x = train[order[at : at + g]]
         at += g
         for group in opt.param_groups:
-            group["lr"] = fd.wsd_lr(step, total, warmup, decay, 1e-6, a["lr"], 1e-8)
+            group["lr"] = fd.wsd_lr(step, total, warmup, decay, LR_INIT, a["lr"], LR_FINAL)
         out = model(x, torch.randn(g, a["T"], a["F"]))
         loss = fd.vae_loss(model.loss_units(out.recon), model.loss_units(x), out.posterior, beta)
         opt.zero_grad(set_to_none=True)
         loss.total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         if (step + 1) % 500 == 0 or step + 1 == total:
             print(f"update {step + 1}: train Huber {loss.recon.item():.4f}, val {held_out()[0]:.4f}, "

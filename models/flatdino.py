@@ -4,9 +4,9 @@ Lineage: the official FlatDINO JAX code (`flatdino/models/vit.py`, `autoencoder.
 commit cdd398f), as written down in SPEC.md sections 4-5. Layers come from `models/layers.py`.
 
 Encoder: bias-free input projection (only when width != D), T learned latent tokens prepended (after optional
-disposable registers), no positional embedding (unless `encoder_pos_embed`, a departure below), pre-LN blocks with qk-LayerNorm and SwiGLU (hidden = 4 x width),
-final LayerNorm, bias-free projection to 2F (only when 2F != width). Read-out: tokens [R, R+T); first F channels =
-mu, last F = logvar.
+disposable registers), no positional embedding (unless `encoder_pos_embed`, a departure below), pre-LN blocks with
+qk-LayerNorm and SwiGLU (hidden = 4 x width), final LayerNorm, bias-free projection to 2F (only when 2F != width).
+Read-out: tokens [R, R+T); first F channels = mu, last F = logvar.
 Decoder: bias-free F -> width projection (only when F != width) plus a learned positional embedding on the T
 latents, N learned query tokens (one per output patch, no positional embedding) prepended, blocks, final LayerNorm,
 bias-free projection to D (only when width != D). Read-out: tokens [R, R+N).

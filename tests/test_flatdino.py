@@ -70,7 +70,6 @@ def test_encoder_has_no_positional_embedding():
     torch.testing.assert_close(a.logvar, b.logvar, atol=1e-5, rtol=1e-5)
 
 
-
 def test_encoder_pos_embed_is_one_table_added_after_the_input_projection():
     """`encoder_pos_embed` (the demo preset's departure): a learned (1, N, width) table added to the projected patch
     tokens, which breaks the permutation invariance above; the paper presets keep none."""
@@ -86,6 +85,7 @@ def test_encoder_pos_embed_is_one_table_added_after_the_input_projection():
     with pytest.raises(ValueError, match="built for 16 patch tokens"):
         model.encode(tokens[:, :8])
     assert PRESETS["demo"].encoder_pos_embed and not any(PRESETS[k].encoder_pos_embed for k in PRESETS if k != "demo")
+
 
 def test_projections_bias_free_and_skipped_at_feature_width():
     model = small()
