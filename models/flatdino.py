@@ -34,6 +34,14 @@ Deliberate departures:
   paper's encoder needs none; the demo's random 2-layer DINOv2 gives tokens that are ~24x more grey level than
   position, and without it the T latent tokens cannot tell the 64 patches apart: held-out Huber 0.140 -> 0.082 and
   round-trip PSNR +2.9 dB at the demo's 2,021 updates (bench/RESULTS.md, issue 17).
+- Optional initial posterior log-variance (`logvar_init`; 0 in every paper preset, -8 in `demo`): the bias of the
+  logvar half of the encoder's read-out starts there instead of 0, for encoders whose read-out is their final
+  LayerNorm (width = 2F, the demo's 64 = 2 x 32). From logvar ~ 0 the posterior noise starts as large as mu, and
+  Adam moves that bias by about the learning rate per update: after the demo's 2,021 updates it had reached only
+  -1.5 (sigma ~ 0.25 against a mu spread of ~0.8), so the decoder trained on latents with a signal-to-noise ratio
+  of ~3 and the end point depended on the noise draws. Starting at sigma = exp(-4) takes the demo VAE from
+  held-out Huber 0.069 (bias -4) to 0.047 and the round trip to 25 dB in the same updates (bench/RESULTS.md,
+  issue 17). The KL (beta = 2e-6 here) can still raise it; at ImageNet's 10^5+ updates the official init has time.
 - Loss knobs (beta, free bits, KL annealing, the KL-variance weight) live in the training config, not in
   `FlatDINOConfig`, so that one architecture config describes a checkpoint whatever loss trained it. `half_depth`
   and `tanh` change the network's function, so they are architecture fields (defaults keep older configs loading).
@@ -95,11 +103,16 @@ class FlatDINOConfig:
     half_depth: bool = False  # official `-hl`: max(1, depth // 2) blocks on both sides
     tanh: bool = False  # official `-tanh`: z = tanh(sample) in training, tanh(mu) downstream
     encoder_pos_embed: bool = False  # not in the paper: learned (1, N, width) table on the encoder's patch tokens
+    logvar_init: float = 0.0  # not in the paper: initial bias of the logvar read-out (needs width == 2F), see above
 
     def __post_init__(self):
         for side in (self.encoder, self.decoder):
             if side not in SIZES:
                 raise ValueError(f"unknown FlatDINO size {side!r}; choose one of {sorted(SIZES)}")
+        if self.logvar_init and self.encoder_size.width != 2 * self.latent_dim:
+            raise ValueError(f"logvar_init={self.logvar_init} sets the bias of the encoder's final LayerNorm, which is "
+                             f"the read-out only when the encoder width ({self.encoder_size.width}) is 2 x latent_dim "
+                             f"({2 * self.latent_dim}); leave it at 0 for this size")
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -134,7 +147,7 @@ PRESETS: dict[str, FlatDINOConfig] = {
     "32-tt-128": FlatDINOConfig(encoder="t", decoder="t"),
     # demo: the demo encoder's (64, 192) features -> 8 x 32 keeps the paper's 8x tokens / 48x dims ratios.
     "demo": FlatDINOConfig(encoder="micro", decoder="micro", num_tokens=8, latent_dim=32, feature_dim=192,
-                           num_patches=64, encoder_pos_embed=True),
+                           num_patches=64, encoder_pos_embed=True, logvar_init=-8.0),
 }
 
 
@@ -280,6 +293,9 @@ class FlatDINO(nn.Module):
         for p in self.parameters():
             if p.ndim == 3:  # registers, latent tokens, queries, pos_embed
                 trunc_normal_(p.data)
+        if self.cfg.logvar_init:  # the read-out is the final LayerNorm (checked in FlatDINOConfig)
+            with torch.no_grad():
+                self.encoder.trunk.norm.bias[self.cfg.latent_dim :].fill_(self.cfg.logvar_init)
 
     @torch.no_grad()
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:

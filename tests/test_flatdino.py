@@ -87,6 +87,26 @@ def test_encoder_pos_embed_is_one_table_added_after_the_input_projection():
     assert PRESETS["demo"].encoder_pos_embed and not any(PRESETS[k].encoder_pos_embed for k in PRESETS if k != "demo")
 
 
+
+def test_logvar_init_starts_the_posterior_noise_small_and_changes_nothing_else():
+    """`logvar_init` (the demo preset's departure): the logvar half of the read-out LayerNorm's bias starts at the
+    given value, so the initial posterior sigma is ~exp(logvar_init / 2) instead of ~1; mu and every other weight
+    are those of the plain init. It exists only where the read-out is that LayerNorm (width = 2F)."""
+    plain, low = small(latent_dim=32), small(latent_dim=32, logvar_init=-8.0)
+    assert isinstance(low.encoder.out_proj, torch.nn.Identity)
+    a, b = plain.state_dict(), low.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == ["encoder.trunk.norm.bias"]
+    assert torch.equal(b["encoder.trunk.norm.bias"], torch.cat([torch.zeros(32), torch.full((32,), -8.0)]))
+    tokens, noise = torch.randn(3, 16, 48), torch.randn(3, 4, 32)
+    p, q = plain.encode(tokens), low.encode(tokens)
+    torch.testing.assert_close(q.mu, p.mu)
+    torch.testing.assert_close(q.logvar, p.logvar - 8.0)
+    z_noise = low(tokens, noise).z - q.mu
+    assert 0.005 < z_noise.abs().mean() / noise.abs().mean() < 0.06  # sigma ~ exp(-4) = 0.018, not ~1
+    with pytest.raises(ValueError, match="logvar_init"):
+        FlatDINOConfig(**{**SMALL.__dict__, "logvar_init": -8.0})  # 2F = 16 != width 64: a projection reads out
+    assert PRESETS["demo"].logvar_init < 0 and not any(PRESETS[k].logvar_init for k in PRESETS if k != "demo")
+
 def test_projections_bias_free_and_skipped_at_feature_width():
     model = small()
     assert model.encoder.in_proj.bias is None and model.encoder.out_proj.bias is None
