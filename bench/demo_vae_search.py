@@ -34,7 +34,7 @@ from pipeline.runtime import Runtime  # noqa: E402
 from pipeline.train_data import FeatureData  # noqa: E402
 from stages.train_vae import ADAM_BETAS, ADAM_EPS, LR_FINAL, LR_INIT, Config  # noqa: E402
 
-DEFAULTS = dict(width=64, depth=1, heads=4, mlp=0, ddepth=0, dheads=0, pos=1, pinit=0.02, steps=2021, batch=64,
+DEFAULTS = dict(width=64, depth=1, heads=4, mlp=0, ddepth=0, dheads=0, pos=1, pinit=0.02, steps=3031, batch=64,
                 lr=2e-3, dfrac=0.25, wd=0.02, T=8, F=32, kl=-1.0, seed=0, lv=fd.PRESETS["demo"].logvar_init,
                 feats="shards/features/demo", dec="shards/decoder/demo")
 
