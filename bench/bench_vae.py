@@ -51,22 +51,29 @@ def throughput(preset: str, batch: int, steps: int, device: torch.device, precis
 
 @torch.no_grad()
 def reconstruction(vae_dir: str, features: str, split: str, batch: int, device: torch.device) -> dict:
-    """Mean per-patch cosine, MSE and Huber of FlatDINO(mu) reconstructions over a split (view 0)."""
+    """Mean per-patch cosine, MSE and Huber of FlatDINO(mu) reconstructions over a split (view 0), and the posterior's
+    noise against its signal: mean and median sigma = exp(logvar / 2) and mu's spread over the split (mean over
+    latent dimensions of mu's std), whose ratio is the signal-to-noise of what the decoder is trained on."""
     from pipeline.shards import FeatureShards
     from pipeline.artifacts import load_flatdino
 
     model, _, manifest = load_flatdino(vae_dir, "best", device)
-    shards, sums, n = FeatureShards(features), np.zeros(3), 0
+    shards, sums, n, mus, sigmas = FeatureShards(features), np.zeros(3), 0, [], []
     items = [f[0] for _, _, _, f in shards.iter(split)]
     for s in range(0, len(items), batch):
         x = torch.from_numpy(np.stack(items[s : s + batch])).float().to(device)
+        post = model.encode(x)
+        mus.append(post.mu.cpu())
+        sigmas.append(torch.exp(0.5 * post.logvar).cpu())
         recon = model(x).recon
         sums += [F.cosine_similarity(recon, x, dim=-1).mean(1).sum().item(),
                  (recon - x).square().mean((1, 2)).sum().item(),
                  F.huber_loss(recon, x, reduction="none").mean((1, 2)).sum().item()]
         n += len(x)
+    sigma = torch.cat(sigmas)
     return {"samples": n, "cosine": float(sums[0] / n), "mse": float(sums[1] / n), "huber": float(sums[2] / n),
-            "best_step": manifest.extra["best_step"]}
+            "sigma_mean": sigma.mean().item(), "sigma_median": sigma.median().item(),
+            "mu_spread": torch.cat(mus).std(dim=0).mean().item(), "best_step": manifest.extra["best_step"]}
 
 
 def main() -> None:
