@@ -62,10 +62,10 @@ def reconstruction(vae_dir: str, features: str, split: str, batch: int, device: 
     items = [f[0] for _, _, _, f in shards.iter(split)]
     for s in range(0, len(items), batch):
         x = torch.from_numpy(np.stack(items[s : s + batch])).float().to(device)
-        post = model.encode(x)
-        mus.append(post.mu.cpu())
-        sigmas.append(torch.exp(0.5 * post.logvar).cpu())
-        recon = model(x).recon
+        out = model(x)  # z = mu; the posterior comes with it, no second encode
+        recon = out.recon
+        mus.append(out.posterior.mu.cpu())
+        sigmas.append(torch.exp(0.5 * out.posterior.logvar).cpu())
         sums += [F.cosine_similarity(recon, x, dim=-1).mean(1).sum().item(),
                  (recon - x).square().mean((1, 2)).sum().item(),
                  F.huber_loss(recon, x, reduction="none").mean((1, 2)).sum().item()]

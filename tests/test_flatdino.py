@@ -87,7 +87,6 @@ def test_encoder_pos_embed_is_one_table_added_after_the_input_projection():
     assert PRESETS["demo"].encoder_pos_embed and not any(PRESETS[k].encoder_pos_embed for k in PRESETS if k != "demo")
 
 
-
 def test_logvar_init_starts_the_posterior_noise_small_and_changes_nothing_else():
     """`logvar_init` (the demo preset's departure): the logvar half of the read-out LayerNorm's bias starts at the
     given value, so the initial posterior sigma is ~exp(logvar_init / 2) instead of ~1; mu and every other weight
@@ -106,6 +105,7 @@ def test_logvar_init_starts_the_posterior_noise_small_and_changes_nothing_else()
     with pytest.raises(ValueError, match="logvar_init"):
         FlatDINOConfig(**{**SMALL.__dict__, "logvar_init": -8.0})  # 2F = 16 != width 64: a projection reads out
     assert PRESETS["demo"].logvar_init < 0 and not any(PRESETS[k].logvar_init for k in PRESETS if k != "demo")
+
 
 def test_projections_bias_free_and_skipped_at_feature_width():
     model = small()
