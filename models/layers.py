@@ -94,16 +94,30 @@ class Attention(nn.Module):
         self.k_norm = LayerNorm(self.head_dim, eps=1e-6, bias=False) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """(B, N, D) -> (B, N, D); `rope` is the (cos, sin) pair from `rope_1d`, each (N, head_dim)."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                keep: slice | None = None) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D); `rope` is the (cos, sin) pair from `rope_1d`, each (N, head_dim).
+
+        With `keep`, only the tokens x[:, keep] query (every token is still a key and a value) and the result is
+        (B, len(keep), D): the same numbers as `forward(x)[:, keep]` without computing the outputs nobody reads.
+        """
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
-        q, k, v = qkv.unbind(0)
+        if keep is None:
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
+            q, k, v = qkv.unbind(0)
+        else:  # the fused weight's rows are [q | k | v]: q from the kept tokens, k and v from all
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, keep], w[:D], None if b is None else b[:D])
+            kv = F.linear(x, w[D:], None if b is None else b[D:])
+            q = q.reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, M, Dh)
+            k, v = kv.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, self.backend)  # (B, H, N, Dh)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+            cos, sin = rope
+            q = apply_rope(q, cos, sin) if keep is None else apply_rope(q, cos[keep], sin[keep])
+            k = apply_rope(k, cos, sin)
+        out = attention(q, k, v, self.backend)  # (B, H, M, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, q.shape[2], D))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

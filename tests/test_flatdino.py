@@ -14,6 +14,8 @@ from models.flatdino import (
     FlatDINO,
     FlatDINOConfig,
     Posterior,
+    Trunk,
+    ViTSize,
     config_from_json,
     config_to_json,
     default_kl_weight,
@@ -24,6 +26,7 @@ from models.flatdino import (
     vae_loss,
     wsd_lr,
 )
+from models.layers import Attention, rope_1d
 
 SMALL = FlatDINOConfig(encoder="micro", decoder="micro", num_tokens=4, latent_dim=8, feature_dim=48, num_patches=16)
 
@@ -59,6 +62,32 @@ def test_decoder_readout_queries_first_then_latents():
     lat = dec.latent_proj(z) + dec.pos_embed
     x = torch.cat([dec.registers.expand(2, -1, -1), dec.queries.expand(2, -1, -1), lat], 1)
     torch.testing.assert_close(model.decode(z), dec.out_proj(dec.trunk(x))[:, 1:17])
+
+
+def test_trunk_last_block_computes_only_the_tokens_read_out():
+    """`keep` skips the query, MLP and output work of the tokens nobody reads (every token stays a key and value):
+    values and gradients equal the full trunk's, sliced, over two blocks."""
+    torch.manual_seed(0)
+    trunk, keep = Trunk(ViTSize(32, 2, 4, 64), "sdpa"), slice(3, 9)
+    for p in trunk.parameters():  # non-trivial norms and biases, so a wrong slice cannot hide behind zeros
+        p.data.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 20, 32, requires_grad=True)
+    full = trunk(x)[:, keep]
+    g_full = torch.autograd.grad(full.square().sum(), [x, *trunk.parameters()])
+    part = trunk(x, keep=keep)
+    g_part = torch.autograd.grad(part.square().sum(), [x, *trunk.parameters()])
+    assert part.shape == (2, 6, 32)
+    torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_part, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (g_full[0][:, 12:] != 0).any()  # tokens outside `keep` still feed the kept ones as keys and values
+
+
+def test_attention_keep_with_rope_matches_the_full_rows():
+    torch.manual_seed(0)
+    attn, x = Attention(32, 4, qk_norm=True), torch.randn(2, 10, 32)
+    rope = rope_1d(8, torch.arange(10))
+    torch.testing.assert_close(attn(x, rope, keep=slice(2, 7)), attn(x, rope)[:, 2:7], atol=1e-6, rtol=1e-5)
 
 
 def test_encoder_has_no_positional_embedding():

@@ -88,9 +88,13 @@ def test_cli_report_frozen_encoders_and_step_ratio():
     report = json.loads(result.output)
     assert report["dinov2"]["gmacs"] == pytest.approx(23.5, abs=0.1)
     assert report["dinov2"]["params"] / 1e6 == pytest.approx(86.6, abs=0.1)
-    assert report["flatdino_encoder"]["gmacs"] == pytest.approx(34.2, abs=0.1)  # SPEC 4.2, ViT-B encoder
+    # SPEC 10.3 counts 34.2 for the ViT-B encoder over all 288 tokens; its last block here updates only the 32
+    # latent tokens it reads out, skipping the 256 patch tokens' q and output projections, SwiGLU and attention rows
+    skipped = 256 * (2 * 768**2 + 3 * 768 * 3072 + 2 * 288 * 768) / 1e9
+    assert report["flatdino_encoder"]["gmacs"] == pytest.approx(34.15 - skipped, abs=0.01)
+    assert report["flatdino_encoder"]["gmacs"] == pytest.approx(31.9, abs=0.05)
     (row,) = report["rows"]
-    assert row["step_flat_gmacs"] == pytest.approx(3 * 14.6 + 23.5 + 34.2, abs=0.5)
+    assert row["step_flat_gmacs"] == pytest.approx(3 * 14.6 + 23.5 + 31.9, abs=0.5)
     assert row["step_ratio"] == pytest.approx(3.8, abs=0.1)  # SPEC 10.3: 381 / 101
     (dh,) = report["dh_rows"]  # ditxl-dh by default
     assert dh["step_grid_gmacs"] == pytest.approx(508, abs=1)  # SPEC 10.3: RAE DiT^DH-XL ~508 per image
