@@ -9,9 +9,9 @@ decoder(FlatDINO(features)) with decoder(features) on the val split (the pixel d
     python bench/demo_vae_search.py NAME [key=value ...]   e.g.   pos=0   lr=1e-3   steps=4000   heads=16
 
 Keys: width depth heads mlp (encoder; ddepth dheads for the decoder), pos (encoder positional embedding 1/0),
-pinit (its init std), lv (logvar_init), steps batch lr b2 (Adam beta2) dfrac (decay fraction of the updates), wd T F kl seed,
-feats (features artifact), dec (pixel decoder dir); the last line printed is the run's summary. Run it alone: the
-2-core timings mean nothing next to another job.
+pinit (its init std), lv (logvar_init), steps batch lr b2 (Adam beta2) dfrac (decay fraction of the updates), wd T F
+kl seed, feats (features artifact), dec (pixel decoder dir); the last line printed is the run's summary. Run it
+alone: the 2-core timings mean nothing next to another job.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from pipeline.train_data import FeatureData  # noqa: E402
 from stages.train_vae import ADAM_BETAS, ADAM_EPS, LR_FINAL, LR_INIT, Config  # noqa: E402
 
 DEFAULTS = dict(width=64, depth=1, heads=4, mlp=0, ddepth=0, dheads=0, pos=1, pinit=0.02, steps=4042, batch=64,
-                lr=2e-3, dfrac=0.25, wd=0.02, T=8, F=32, kl=-1.0, seed=0, lv=fd.PRESETS["demo"].logvar_init, b2=ADAM_BETAS[1],
-                feats="shards/features/demo", dec="shards/decoder/demo")
+                lr=2e-3, dfrac=0.25, wd=0.02, T=8, F=32, kl=-1.0, seed=0, lv=fd.PRESETS["demo"].logvar_init,
+                b2=ADAM_BETAS[1], feats="shards/features/demo", dec="shards/decoder/demo")
 
 
 def parse(argv: list[str]) -> dict:
