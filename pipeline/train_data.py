@@ -132,7 +132,7 @@ class FeatureData(TrainData):
         return np.stack(list(self._pool.map(one, zip(samples, views))))
 
     def batch(self, positions: range) -> torch.Tensor:
-        return torch.from_numpy(self._read_train(positions)).float()
+        return torch.from_numpy(self._read_train(positions).astype(np.float32))
 
     def val_batch(self, indices: range) -> torch.Tensor:
         return torch.from_numpy(self._feats("val", np.asarray(indices))[:, 0]).float()

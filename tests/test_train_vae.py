@@ -159,6 +159,34 @@ def test_uncached_reader_matches_ram_cache(features, tmp_path):
     assert torch.equal(streamed.val_batch(range(2, 6)), cached.val_batch(range(2, 6)))
 
 
+def test_train_feed_runs_no_torch_op(features, tmp_path):
+    """The trainer calls `batch` in its prefetch thread. A torch op there (the fp16 -> fp32 cast of a (64, 64, 192)
+    batch runs intra-op parallel) starts a second OpenMP team that competes with the training step's: on 2 CPU cores
+    the demo VAE trained at 18 instead of 25 updates/s (bench/RESULTS.md). The cast is numpy's, and exact."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pipeline.shards import FeatureShards
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is not torch.ops.aten.lift_fresh.default:  # torch.from_numpy's wrapping, no compute
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for cache_gb in (None, 0.0):  # from RAM and from the shards
+        data = tv.open_data(cfg_for(features, tmp_path, **({} if cache_gb is None else {"cache_gb": cache_gb})))
+        with Ops() as ops:
+            got = data.batch(range(3, 11))
+        assert ops.seen == [], ops.seen
+        shards = FeatureShards(features)
+        expect = np.stack([shards.get(int(s), "train")[2][v] for s, v in zip(*data.order.lookup(range(3, 11)))])
+        assert got.dtype == torch.float32 and torch.equal(got, torch.from_numpy(expect.astype(np.float64)).float())
+
+
 @pytest.mark.slow
 def test_source_images_trains_on_the_fly_and_feeds_latents(images_artifact, encoder_dir, features_artifact, tmp_path):
     """Official RRC + flip augmentation through the frozen encoder; the VAE then accepts the stored features."""
