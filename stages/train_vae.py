@@ -58,7 +58,7 @@ VARIANTS: dict[str, Variant] = {
     "med": Variant(100, 0.15, 5, 5, 512, 1e-4),
     "long": Variant(150, 0.15, 5, 5, 512, 1e-4),
     "ext": Variant(300, 0.25, 5, 5, 512, 1e-4),
-    # demo: 160 epochs of the 1,617 training digits = 4,042 updates of 64 (about 4.5 minutes on 2 CPU cores with the
+    # demo: 160 epochs of the 1,617 training digits = 4,042 updates of 64 (about 2.6 minutes on 2 CPU cores with the
     # demo preset and --standardize-features). Peak 2e-3 beats 1e-3 and 4e-3. The demo VAE is still descending when
     # its schedule decays, so where it ends moves with its random draws, the thread count and float rounding: at 80
     # epochs the round trip was 20-21 dB, at 120 epochs 24.3-26.3 dB over three runs of the same recipe, against
