@@ -177,14 +177,15 @@ def test_train_feed_runs_no_torch_op(features, tmp_path):
                 self.seen.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    for cache_gb in (None, 0.0):  # from RAM and from the shards
-        data = tv.open_data(cfg_for(features, tmp_path, **({} if cache_gb is None else {"cache_gb": cache_gb})))
+    shards, positions = FeatureShards(features), range(3, 11)
+    for cache_gb in (8.0, 0.0):  # from RAM and from the shards
+        data = tv.open_data(cfg_for(features, tmp_path, cache_gb=cache_gb))
+        assert (data.cache is not None) == (cache_gb > 0)
         with Ops() as ops:
-            got = data.batch(range(3, 11))
+            got = data.batch(positions)
         assert ops.seen == [], ops.seen
-        shards = FeatureShards(features)
-        expect = np.stack([shards.get(int(s), "train")[2][v] for s, v in zip(*data.order.lookup(range(3, 11)))])
-        assert got.dtype == torch.float32 and torch.equal(got, torch.from_numpy(expect.astype(np.float64)).float())
+        expect = np.stack([shards.get(int(s), "train")[2][v] for s, v in zip(*data.order.lookup(positions))])
+        assert got.dtype == torch.float32 and torch.equal(got, torch.from_numpy(expect).float())
 
 
 @pytest.mark.slow
