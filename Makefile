@@ -43,9 +43,9 @@ CLASSIFIER_M := $(S)/classifier/$(RUN)/manifest.json
 METRICS    := $(S)/fid/$(RUN)/metrics.json
 SAMPLES_U_M := $(S)/samples/$(RUN)-unguided/manifest.json
 METRICS_U  := $(S)/fid/$(RUN)-unguided/metrics.json
-REPORT_M   := $(S)/report/$(RUN)/metrics.json
-REPORT_SEEDS ?= 1 2# extra sampling seeds of the demo report (seed $(SEED) is `make sample`'s)
-SEED_SAMPLES := $(foreach k,$(REPORT_SEEDS),$(S)/samples/$(RUN)-seed$(k) $(S)/samples/$(RUN)-unguided-seed$(k))
+REPORT_M   := $(S)/report/$(RUN)/manifest.json
+REPORT     := $(S)/report/$(RUN)/metrics.json
+REPORT_ARGS ?= --seed 0 --seed 1 --seed 2 --per-class 100# the demo report: 3 seeds x 1,000 samples per guidance scale
 INSTALLED  := $(VENV)/.installed
 
 FLATDINO := $(BIN)/flatdino
@@ -99,10 +99,12 @@ demo: $(METRICS) $(METRICS_U) $(REPORT_M) ## the whole chain on the bundled digi
 	@echo "  metrics       $(METRICS)"
 	@echo "  VAE losses    $(S)/vae/$(RUN)/loss.png   (tensorboard --logdir $(S))"
 	@echo "  unguided      $(METRICS_U)"
-	@echo "  demo report   $(REPORT_M)   (3 sampling seeds per guidance scale)"
+	@echo "  demo report   $(REPORT)"
+	@echo "The grids' samples (seed $(SEED), make fid):"
 	@$(BIN)/python -c "import json; m = json.load(open('$(METRICS)')); print('  w = $(CFG)  ', m.get('summary', ''))"
 	@$(BIN)/python -c "import json; m = json.load(open('$(METRICS_U)')); print('  w = 1    ', m.get('summary', ''))"
-	@$(BIN)/python -c "import json; [print('  ', l) for l in json.load(open('$(REPORT_M)'))['summary']]"
+	@echo "The report (make report: the headline, each digit metric over 3 sampling seeds):"
+	@$(BIN)/python -c "import json; [print('  ', l) for l in json.load(open('$(REPORT)'))['summary']]"
 
 images: $(IMAGES_M) ## image shards from DATA
 $(IMAGES_M): | $(INSTALLED)
@@ -141,15 +143,11 @@ sample-unguided: $(SAMPLES_U_M) ## the same samples without guidance (w = 1), fo
 $(SAMPLES_U_M): $(DIT_M) $(VAE_M) $(DECODER_M)
 	$(call sample,$(RUN)-unguided,$(SAMPLE_ARGS) --cfg-scale 1)
 
-$(S)/samples/$(RUN)-seed%/manifest.json: $(DIT_M) $(VAE_M) $(DECODER_M)
-	$(call sample,$(RUN)-seed$*,--cfg-scale $(CFG) $(SAMPLE_ARGS),$*)
-$(S)/samples/$(RUN)-unguided-seed%/manifest.json: $(DIT_M) $(VAE_M) $(DECODER_M)
-	$(call sample,$(RUN)-unguided-seed$*,$(SAMPLE_ARGS) --cfg-scale 1,$*)
-
-report: $(REPORT_M) ## the demo's diversity, precision/recall (classifier features) and class-consistency over 3 seeds
-$(REPORT_M): $(METRICS) $(METRICS_U) $(CLASSIFIER_M) $(addsuffix /manifest.json,$(SEED_SAMPLES))
-	$(FLATDINO) demo-report --classifier $(S)/classifier/$(RUN) --fid $(S)/fid/$(RUN) --fid $(S)/fid/$(RUN)-unguided \
-		--out $@ $(S)/samples/$(RUN) $(S)/samples/$(RUN)-unguided $(SEED_SAMPLES) && touch $(S)/fid/.ran-$(RUN)
+report: $(REPORT_M) ## the demo's diversity, precision/recall and class-consistency at w = CFG and 1, 3 seeds each
+$(REPORT_M): $(METRICS) $(METRICS_U) $(CLASSIFIER_M) $(DIT_M) $(VAE_M) $(DECODER_M)
+	$(LAUNCH) demo-report --dit $(S)/dit/$(RUN) --vae $(S)/vae/$(RUN) --decoder $(S)/decoder/$(RUN) \
+		--classifier $(S)/classifier/$(RUN) --fid $(S)/fid/$(RUN) --fid $(S)/fid/$(RUN)-unguided \
+		--cfg-scale $(CFG) --cfg-scale 1 $(REPORT_ARGS) --out $(S)/report/$(RUN) && touch $(S)/fid/.ran-$(RUN)
 
 classifier: $(CLASSIFIER_M) ## the demo's digit classifier, trained on the real training images
 $(CLASSIFIER_M): $(IMAGES_M)

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "fid-ref": ("stages.fid", "fid_ref_cli", "Reference statistics (Inception, DINOv2) from image shards."),
     "fid": ("stages.fid", "cli", "FID, IS, precision/recall, FD-DINOv2 and class-consistency of samples."),
     "train-classifier": ("stages.classifier", "cli", "Train the demo's digit classifier on real images."),
-    "demo-report": ("pipeline.demo_metrics", "cli", "The demo's diversity, precision/recall and seed spread."),
+    "demo-report": ("stages.report", "cli", "The demo's digit metrics over several sampling seeds (mean, error)."),
 }
 
 

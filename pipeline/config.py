@@ -127,6 +127,8 @@ def _click_option(f: dataclasses.Field, tp: Any) -> Callable:
         return click.option(f"{name}/--no-{f.name.replace('_', '-')}", default=bool(default), **kw)
     if typing.get_origin(base) is Literal:
         kw["type"] = click.Choice([str(a) for a in typing.get_args(base)])
+    elif typing.get_origin(base) is tuple and typing.get_args(base)[1:] == (Ellipsis,):  # tuple[X, ...]: repeatable
+        kw["type"], kw["multiple"] = _ranged(typing.get_args(base)[0], f), True
     elif typing.get_origin(base) is tuple:
         args = typing.get_args(base)
         kw["type"], kw["nargs"] = _ranged(args[0], f), len(args)

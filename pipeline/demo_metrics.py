@@ -1,8 +1,8 @@
 """The digits demo's own metrics: within-class diversity, precision/recall in a digit feature space, seed spread.
 
-`make demo` samples the same networks with three noise seeds at each guidance scale (`flatdino sample --seed K`);
-`python -m pipeline.demo_metrics` reads those sample artifacts, the demo classifier and the `fid` metrics of seed 0,
-and writes one report, `shards/report/<run>/metrics.json`, with a summary line per guidance scale. Definitions:
+`flatdino demo-report` (stages/report.py) samples the demo's chain at several noise seeds per guidance scale and
+measures each seed's samples with these definitions; `flatdino fid --classifier` measures one sample artifact with
+the same ones. Definitions:
 
 - **Within-class diversity**: each image (uint8 256 x 256) is block-averaged back to the digits' 8 x 8 grid and put on
   their 0..16 scale (grayscale, `stages.classifier.to_grid` x 16); per class, the mean L2 distance over all pairs of
@@ -12,27 +12,25 @@ and writes one report, `shards/report/<run>/metrics.json`, with a summary line p
   precision_recall`, the definition used for Inception features), in the penultimate layer of the demo classifier's
   feature network (64 ReLU units of a one-hidden-layer MLP trained on the same 8 x 8 grids), against all real training
   digits. Precision: share of samples inside the real digits' k-NN balls (are they digit-like); recall: share of real
-  digits inside the samples' balls (is the variety of the data covered). Held-out real digits against the training
-  digits give the ceiling for this sample size (`reference.real_val`).
-- **Seed spread**: each metric for every seed, the mean over seeds (the headline) and max - min.
+  digits inside the samples' balls (is the variety of the data covered). Recall depends on the number of samples (the
+  samples' k-NN balls shrink as it grows), so it is only comparable at equal sample counts. Held-out real digits
+  against the training digits give the ceiling for their own sample size (`reference.real_val`).
+- **Seed spread**: each metric for every seed, the mean over seeds (the headline), max - min, and the standard error
+  of the mean (sample standard deviation over seeds / sqrt(seeds)).
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
 from typing import NamedTuple
 
-import click
 import numpy as np
 
-from pipeline.manifest import ArtifactError, atomic_write_json, require_complete
+from pipeline.manifest import ArtifactError
 
 DIGIT_MAX = 16.0  # scikit-learn's digits are integers 0..16
 DIVERSITY = ("mean L2 distance over pairs of samples of the same class, images block-averaged to the digits' 8 x 8 "
              "grid on their 0..16 scale, averaged over classes; ratio = generated / real training digits")
-SCHEMA = 1
+SCHEMA = 2  # 2: the report samples the chain itself (stages/report.py); standard errors over seeds
 
 
 def digit_grids(images: np.ndarray, grid: int = 8) -> np.ndarray:
@@ -61,10 +59,12 @@ def within_class_diversity(x: np.ndarray, labels: np.ndarray) -> tuple[float, di
 
 
 def spread(values: dict[int, float]) -> dict:
-    """{seed: value} -> the mean over seeds (headline), every seed's value, max - min and the population std."""
+    """{seed: value} -> the mean over seeds (headline), every seed's value, max - min, the population std and the
+    standard error of the mean (sample std / sqrt(seeds); None for one seed)."""
     v = np.array(list(values.values()), dtype=np.float64)
+    sem = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
     return {"value": float(v.mean()), "per_seed": {str(k): float(x) for k, x in values.items()},
-            "spread": float(v.max() - v.min()), "std": float(v.std())}
+            "spread": float(v.max() - v.min()), "std": float(v.std()), "sem": sem}
 
 
 class Reference(NamedTuple):
@@ -114,113 +114,30 @@ def real_val_metrics(clf, ref: Reference) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------- the report
 
 
-def _sampler_key(extra: dict) -> tuple:
-    """What must agree between the seeds of one guidance setting: everything in the sampling protocol but the seed."""
-    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in extra.items() if k != "seed"))
-
-
-def group_by_setting(sample_dirs: list[Path]) -> list[list[tuple[int, Path, dict]]]:
-    """Sample artifacts grouped by sampling setting (same networks and protocol, different seeds), in given order."""
-    groups: dict[tuple, list] = {}
-    for d in sample_dirs:
-        m = require_complete(d, "sample")
-        key = (_sampler_key(m.extra), json.dumps(m.models, sort_keys=True))
-        group = groups.setdefault(key, [])
-        if any(seed == m.extra["seed"] for seed, _, _ in group):
-            raise ArtifactError(f"{d}: seed {m.extra['seed']} appears twice for the same sampling setting")
-        group.append((int(m.extra["seed"]), d, m.extra))
-    return list(groups.values())
-
-
-def _fid_of(fid_dirs: list[Path], sample_dir: Path) -> dict | None:
-    """The metrics.json of the fid run over `sample_dir`'s samples, if one was given."""
-    for f in fid_dirs:
-        report = json.loads((f / "metrics.json").read_text())
-        if Path(report["protocol"]["samples"]["path"]).parent.resolve() == sample_dir.resolve():
-            return report
-    return None
-
-
-def setting_report(group: list[tuple[int, Path, dict]], clf, ref: Reference, fid_dirs: list[Path]) -> dict:
-    """Every metric of one sampling setting over its seeds."""
-    from stages.fid import open_samples
-
-    per_seed: dict[str, dict[int, float]] = {}
-    for seed, d, _ in sorted(group, key=lambda g: g[0]):
-        s = open_samples(d)
-        for name, value in sample_metrics(np.asarray(s.images), s.labels, clf, ref).items():
-            per_seed.setdefault(name, {})[seed] = value
-    seed, first, extra = min(group, key=lambda g: g[0])
-    out = {"cfg_scale": extra["cfg_scale"], "cfg_interval": extra["cfg_interval"], "steps": extra["steps"],
-           "num_samples": extra["num_samples"], "seeds": sorted(g[0] for g in group),
-           "samples": [str(g[1]) for g in sorted(group, key=lambda g: g[0])],
-           **{name: spread(values) for name, values in per_seed.items()}}
+def setting_report(per_seed: dict[int, dict[str, float]], ref: Reference) -> dict:
+    """{seed: `grid_metrics` of that seed's samples} -> every metric's `spread` over the seeds (plus the real
+    digits' diversity beside the samples')."""
+    names = next(iter(per_seed.values())).keys()
+    out = {name: spread({seed: m[name] for seed, m in sorted(per_seed.items())}) for name in names}
     out["diversity"]["real"] = ref.diversity
-    fid = _fid_of(fid_dirs, first)
-    if fid is not None:
-        out["fid"] = {"seed": seed, "summary": fid["summary"],
-                      "fd_dinov2": fid["metrics"]["fd_dinov2"]["value"],
-                      "class_consistency": fid["metrics"]["class_consistency"]["value"]}
     return out
 
 
+def _pm(entry: dict, digits: int = 3) -> str:
+    """'mean ± standard error' of a `spread` entry (just the mean for one seed)."""
+    sem = "" if entry["sem"] is None else f" ± {entry['sem']:.{digits}f}"
+    return f"{entry['value']:.{digits}f}{sem}"
+
+
 def summary_line(s: dict) -> str:
-    """One line per guidance setting: the headline (mean over seeds) and the spread of class-consistency."""
+    """One line per guidance setting: every headline (mean over seeds ± standard error) and the sample counts."""
     cc, n = s["class_consistency"], len(s["seeds"])
-    fd = f" | FD-DINOv2(cls) {s['fid']['fd_dinov2']:.4f} (seed {s['fid']['seed']})" if "fid" in s else ""
-    return (f"w = {s['cfg_scale']:g}: class-consistency {cc['value']:.3f} (spread {cc['spread']:.3f} over {n} seeds) "
-            f"| diversity {s['diversity']['value']:.1f} vs real {s['diversity']['real']:.1f}, ratio "
-            f"{s['diversity_ratio']['value']:.2f} | precision {s['precision']['value']:.3f} recall "
-            f"{s['recall']['value']:.3f} (classifier features, k=3){fd} | {s['num_samples']} samples x {n} seeds")
-
-
-def report(classifier: Path, sample_dirs: list[Path], fid_dirs: list[Path]) -> dict:
-    """The demo report over every sampling setting found among `sample_dirs`."""
-    from stages.classifier import load_classifier
-
-    clf, clf_m = load_classifier(classifier)
-    ref = reference(clf)  # refuses an artifact without the feature network
-    net = clf_m.extra["feature_net"]
-    real_val = real_val_metrics(clf, ref)
-    settings = [setting_report(g, clf, ref, fid_dirs) for g in group_by_setting(sample_dirs)]
-    return {
-        "schema": SCHEMA,
-        "definitions": __doc__.split("\n\n", 2)[2],
-        "classifier": {"path": str(classifier), "fingerprint": clf_m.fingerprint,
-                       "val_accuracy": clf_m.extra["val_accuracy"],
-                       "feature_space": f"hidden layer of the classifier's feature network "
-                                        f"({net['hidden']} ReLU units, held-out accuracy {net['val_accuracy']:.3f})"},
-        "reference": {"num_real": int(len(ref.labels)), "diversity": ref.diversity, "real_val": real_val},
-        "settings": settings,
-        "summary": [summary_line(s) for s in settings],
-    }
-
-
-@click.command("demo-report", help="The digits demo's report: within-class diversity (and its ratio to the real "
-               "digits), precision / recall in the demo classifier's feature layer and class-consistency of every "
-               "sampling setting among SAMPLES, each as the mean over its seeds with the spread; writes --out "
-               "(metrics.json) and prints one line per setting. See pipeline/demo_metrics.py for the definitions.")
-@click.option("--classifier", type=click.Path(path_type=Path), required=True, help="train-classifier artifact")
-@click.option("--fid", "fid_dirs", type=click.Path(path_type=Path), multiple=True,
-              help="fid artifacts whose summaries join the report (matched to the samples they measured)")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="the report, e.g. .../metrics.json")
-@click.argument("samples", nargs=-1, required=True, type=click.Path(path_type=Path))
-def cli(classifier: Path, fid_dirs: tuple[Path, ...], out: Path, samples: tuple[Path, ...]) -> None:
-    try:
-        rep = report(classifier, list(samples), list(fid_dirs))
-    except ArtifactError as e:
-        click.secho(f"error: {e}", fg="red", err=True)
-        sys.exit(2)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, rep)
-    for line in rep["summary"]:
-        click.echo(line)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m pipeline.demo_metrics ...`, the same as `flatdino demo-report ...`."""
-    cli.main(args=argv, prog_name="flatdino demo-report", standalone_mode=True)
-
-
-if __name__ == "__main__":
-    main()
+    fd = ""
+    if "fid" in s:  # FD-DINOv2 of `flatdino fid` on `make sample`'s artifact (n/a without an encoder)
+        f = s["fid"]
+        value = "n/a" if f["fd_dinov2"] is None else f"{f['fd_dinov2']:.4f}"
+        fd = f" | FD-DINOv2(cls) {value} ({f['num_samples']} samples, seed {f['seed']})"
+    return (f"w = {s['cfg_scale']:g}: class-consistency {_pm(cc)} (spread {cc['spread']:.3f}) | diversity "
+            f"{s['diversity']['value']:.1f} vs real {s['diversity']['real']:.1f}, ratio {_pm(s['diversity_ratio'])} "
+            f"| precision {_pm(s['precision'])} recall {_pm(s['recall'])} (classifier features, k=3){fd} | "
+            f"{s['num_samples']} samples x {n} seeds, ± standard error over seeds")

@@ -100,7 +100,9 @@ class DigitClassifier(NamedTuple):
 def to_grid(images: np.ndarray, grid: int, chunk: int = 256) -> np.ndarray:
     """uint8 (N, H, W, 3) -> (N, grid*grid) float64 in [0, 1]: the mean over each (H/grid, W/grid) cell, then luma.
 
-    Both steps are linear, so averaging first equals PIL-style grayscale followed by area averaging.
+    Both steps are linear, so averaging first equals PIL-style grayscale followed by area averaging. The luma is an
+    elementwise weighted sum rather than a matmul, whose kernel (and rounding) depends on how many rows a call holds:
+    a row's grid does not depend on the batch it came in.
     """
     n, h, w, _ = images.shape
     if h % grid or w % grid:
@@ -109,7 +111,8 @@ def to_grid(images: np.ndarray, grid: int, chunk: int = 256) -> np.ndarray:
     for s in range(0, n, chunk):
         x = images[s : s + chunk].reshape(-1, grid, h // grid, grid, w // grid, 3)
         cells = x.mean(axis=(2, 4), dtype=np.float64)  # (n, grid, grid, 3)
-        out[s : s + chunk] = (cells @ LUMA / 255.0).reshape(-1, grid * grid)
+        luma = cells[..., 0] * LUMA[0] + cells[..., 1] * LUMA[1] + cells[..., 2] * LUMA[2]
+        out[s : s + chunk] = (luma / 255.0).reshape(-1, grid * grid)
     return out
 
 

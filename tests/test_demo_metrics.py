@@ -1,5 +1,5 @@
 """The demo's metrics: within-class diversity on the real digits, precision/recall in the classifier's feature space,
-grouping of sample artifacts by setting and seed, the report and its command line."""
+the spread over seeds and the report's lines (the `demo-report` stage itself: tests/test_report.py)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,8 @@ def test_spread_over_seeds():
     s = dm.spread({0: 0.95, 1: 0.97, 2: 0.93})
     assert s["value"] == pytest.approx(0.95) and s["spread"] == pytest.approx(0.04)
     assert s["per_seed"] == {"0": 0.95, "1": 0.97, "2": 0.93} and s["std"] == pytest.approx(np.std([0.95, 0.97, 0.93]))
+    assert s["sem"] == pytest.approx(0.02 / np.sqrt(3))  # sample std (0.02) over sqrt(seeds)
+    assert dm.spread({4: 0.5})["sem"] is None
 
 
 def test_classifier_artifact_holds_the_feature_network_and_the_real_digits(digits_classifier):
@@ -88,61 +90,35 @@ def test_classifier_artifact_holds_the_feature_network_and_the_real_digits(digit
     np.testing.assert_allclose(feats, clf.net.features(classifier.to_grid(x, 8)), atol=1e-12)
 
 
-def test_report_tells_real_digits_from_copies(digits_classifier, tmp_path):
+def test_setting_report_tells_real_digits_from_copies(digits_classifier):
     """Held-out real digits score like data (ratio ~1, high recall); one repeated digit per class scores ratio 0 and
-    low recall, with the same class-consistency."""
+    low recall, with the same class-consistency; the headline is the mean over seeds with its standard error."""
     clf, _ = classifier.load_classifier(digits_classifier)
+    ref = dm.reference(clf)
     grid, label = clf.val.grid, clf.val.label
-    x = np.stack([_digit_rgb(g.reshape(8, 8) * 16.0) for g in grid])
-    dirs = []
+    real, copies = {}, {}
     for seed in range(3):
         pick = np.random.default_rng(seed).permutation(len(label))[:100]
-        dirs.append(fake_samples(tmp_path / f"real-{seed}", x[pick], label[pick], seed, 2.0))
+        real[seed] = dm.grid_metrics(grid[pick] * 16, label[pick], clf.predict_grids(grid[pick]), clf, ref)
         first = np.array([np.flatnonzero(label == c)[seed] for c in label[pick]])  # the class's seed-th digit, repeated
-        dirs.append(fake_samples(tmp_path / f"copies-{seed}", x[first], label[pick], seed, 1.0))
-    rep = dm.report(digits_classifier, dirs, [])
-    real, copies = rep["settings"]
-    assert [s["cfg_scale"] for s in rep["settings"]] == [2.0, 1.0] and real["seeds"] == [0, 1, 2]
-    assert rep["reference"]["num_real"] == 450
-    assert rep["reference"]["diversity"] == pytest.approx(dm.within_class_diversity(clf.train.grid * 16,
-                                                                                   clf.train.label)[0])
-    assert 0.85 < real["diversity_ratio"]["value"] < 1.15 and real["recall"]["value"] > 0.5
-    assert real["precision"]["value"] > 0.7
-    assert copies["diversity_ratio"]["value"] == 0.0 and copies["recall"]["value"] < 0.2
-    for seed in range(3):  # per-seed values are the metrics of that seed's samples
-        one = dm.sample_metrics(x[np.random.default_rng(seed).permutation(len(label))[:100]],
-                                label[np.random.default_rng(seed).permutation(len(label))[:100]], clf,
-                                dm.reference(clf))
-        assert real["class_consistency"]["per_seed"][str(seed)] == pytest.approx(one["class_consistency"])
-        assert real["recall"]["per_seed"][str(seed)] == pytest.approx(one["recall"])
-    cc = real["class_consistency"]
-    assert cc["spread"] == pytest.approx(max(cc["per_seed"].values()) - min(cc["per_seed"].values()))
-    assert rep["summary"][0].startswith("w = 2: class-consistency") and "ratio" in rep["summary"][0]
-    assert rep["reference"]["real_val"]["diversity_ratio"] == pytest.approx(real["diversity_ratio"]["value"],
-                                                                             rel=0.1)
+        copies[seed] = dm.grid_metrics(grid[first] * 16, label[pick], clf.predict_grids(grid[first]), clf, ref)
+    r, c = dm.setting_report(real, ref), dm.setting_report(copies, ref)
+    assert 0.85 < r["diversity_ratio"]["value"] < 1.15 and r["recall"]["value"] > 0.5 and r["precision"]["value"] > 0.7
+    assert c["diversity_ratio"]["value"] == 0.0 and c["recall"]["value"] < 0.2
+    assert r["diversity"]["real"] == pytest.approx(dm.within_class_diversity(clf.train.grid * 16, clf.train.label)[0])
+    recalls = [real[k]["recall"] for k in range(3)]
+    assert r["recall"]["per_seed"] == {str(k): v for k, v in enumerate(recalls)}
+    assert r["recall"]["value"] == pytest.approx(np.mean(recalls))
+    assert r["recall"]["sem"] == pytest.approx(np.std(recalls, ddof=1) / np.sqrt(3))
+    line = dm.summary_line({**r, "cfg_scale": 2.0, "seeds": [0, 1, 2], "num_samples": 100})
+    assert line.startswith("w = 2: class-consistency") and f"recall {r['recall']['value']:.3f} ± " in line
+    assert "100 samples x 3 seeds" in line
 
 
-def test_duplicate_seed_and_old_classifier_are_refused(digits_classifier, tmp_path):
+def test_old_classifier_is_refused(digits_classifier):
     clf, _ = classifier.load_classifier(digits_classifier)
-    x = np.stack([_digit_rgb(g.reshape(8, 8) * 16.0) for g in clf.val.grid[:20]])
-    a = fake_samples(tmp_path / "a", x, clf.val.label[:20], 0, 2.0)
-    b = fake_samples(tmp_path / "b", x, clf.val.label[:20], 0, 2.0)
-    with pytest.raises(ArtifactError, match="seed 0 appears twice"):
-        dm.report(digits_classifier, [a, b], [])
     with pytest.raises(ArtifactError, match="older version"):
         dm.reference(clf._replace(net=None))
-
-
-def test_command_line_writes_the_report(digits_classifier, tmp_path, capsys):
-    clf, _ = classifier.load_classifier(digits_classifier)
-    x = np.stack([_digit_rgb(g.reshape(8, 8) * 16.0) for g in clf.val.grid])
-    dirs = [fake_samples(tmp_path / f"s{k}", x, clf.val.label, k, 2.0) for k in range(2)]
-    out = tmp_path / "report" / "metrics.json"
-    with pytest.raises(SystemExit) as e:
-        dm.main(["--classifier", str(digits_classifier), "--out", str(out), *map(str, dirs)])
-    assert e.value.code == 0
-    rep = json.loads(out.read_text())
-    assert rep["settings"][0]["seeds"] == [0, 1] and capsys.readouterr().out.strip() == rep["summary"][0]
 
 
 def test_fid_with_the_classifier_reports_diversity_and_digit_precision_recall(digits_classifier, tmp_path):

@@ -48,11 +48,11 @@ def make_vae(root: Path, encoder_dir: Path, seed: int = 0) -> Path:
     return root
 
 
-def make_latents(root: Path, vae: Path) -> Path:
+def make_latents(root: Path, vae: Path, classes: list[str] = CLASSES) -> Path:
     """A latents artifact 'made by' `vae`: class-dependent latents with a non-trivial mean/std."""
     rng = np.random.default_rng(0)
     shape = VAE_PRESETS["demo"].latent_shape
-    label = np.arange(N_LATENTS) % len(CLASSES)
+    label = np.arange(N_LATENTS) % len(classes)
     mu = (rng.normal(size=(N_LATENTS, *shape)) + label[:, None, None]) * 3.0 + 1.0
     path = root / latents_store.STORE
     latents_store.create_latents(path, N_LATENTS, *shape, chunk=8, attrs={})
@@ -62,7 +62,7 @@ def make_latents(root: Path, vae: Path) -> Path:
     vae_fp = read_manifest(vae).fingerprint
     write_manifest(root, Manifest(stage="latents", complete=True,
                                   inputs={"vae": {"path": str(vae), "fingerprint": vae_fp, "weights": "best"}},
-                                  extra={"classes": CLASSES}))
+                                  extra={"classes": list(classes)}))
     return root
 
 
