@@ -295,7 +295,7 @@ def recipe(cfg: Config, data: LatentData, rt: Runtime, dit: DiTConfig) -> Recipe
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # weight init only; every training draw uses an explicit generator
         model = build_model(cfg, dit).to(rt.device)
-    # fused: one kernel per step instead of ~10 ops per tensor; DiT-T trains 14 % faster on 2 CPU cores (bench/RESULTS.md)
+    # fused: one kernel per step instead of ~10 ops per tensor; the demo's train-dit runs in 0.92x the time (bench/RESULTS.md)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=BETAS, eps=ADAM_EPS,
                                   weight_decay=cfg.weight_decay, fused=True)
     flow = Flow(resolved_kappa(cfg, dit), cfg.label_dropout, dit.null_class)
