@@ -16,7 +16,7 @@ import torch
 from models.encoder import FeatureEncoder, PixelDecoder, load_rae
 from pipeline.artifacts import load_flatdino
 from pipeline.latents_store import open_latents
-from pipeline.manifest import ArtifactError, Manifest, require_complete
+from pipeline.manifest import ArtifactError, Manifest, UserError, require_complete
 from pipeline.runtime import autocast
 
 
@@ -44,6 +44,13 @@ class Sampling(NamedTuple):
     cfg_scale: float = 1.0
     cfg_interval: tuple[float, float] = (0.3, 1.0)
     precision: str = "fp32"
+
+
+def check_cfg_interval(interval: tuple[float, float]) -> None:
+    """Refuse a guidance interval that guides nowhere (t_min >= t_max), before any work."""
+    if not interval[0] < interval[1]:
+        raise UserError(f"--cfg-interval {interval[0]} {interval[1]}: guidance applies while t_min < t < t_max "
+                        "(t = 0 noise, t = 1 data), so t_min must be below t_max")
 
 
 def _vae_of_latents(latents: Manifest, path: Path, asked: str | None) -> tuple[str, str]:

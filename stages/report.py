@@ -34,7 +34,7 @@ from pipeline.manifest import (ArtifactError, Manifest, OutputDir, UserError, at
                                content_identity, file_sha256, local_dirs, require_complete)
 from pipeline.npz import npz_bytes
 from pipeline.runtime import Runtime, environment, get_logger, launch, progress
-from pipeline.sampling import Chain, Sampling, generate, load_chain
+from pipeline.sampling import Chain, Sampling, check_cfg_interval, generate, load_chain
 
 log = get_logger(__name__)
 
@@ -88,8 +88,7 @@ def check(cfg: Config) -> None:
     if len(set(cfg.seed)) != len(cfg.seed) or len(cfg.seed) < 2:
         raise UserError(f"--seed {list(cfg.seed)}: the report measures the spread over seeds, so give at least two "
                         f"different seeds (e.g. --seed 0 --seed 1 --seed 2)")
-    if not cfg.cfg_interval[0] < cfg.cfg_interval[1]:
-        raise UserError(f"--cfg-interval {cfg.cfg_interval[0]} {cfg.cfg_interval[1]}: t_min must be below t_max")
+    check_cfg_interval(cfg.cfg_interval)
 
 
 def check_classes(chain: Chain, clf_manifest: Manifest, classifier: Path) -> None:

@@ -25,7 +25,7 @@ import torch
 from pipeline.config import Checked, command_from_config, config_to_dict, opt
 from pipeline.grids import save_grid
 from pipeline.npz import npz_bytes, rows_from_chunks, write_npz_streaming
-from pipeline.sampling import Chain, Sampling, generate, load_chain
+from pipeline.sampling import Chain, Sampling, check_cfg_interval, generate, load_chain
 from pipeline.manifest import content_identity, local_dirs, Manifest, OutputDir, UserError, atomic_write_bytes, file_sha256
 from pipeline.runtime import Runtime, environment, get_logger, launch, progress
 from pipeline.shards import plan_shards
@@ -116,9 +116,7 @@ def protocol(cfg: Config, chain: Chain, n: int) -> dict:
 def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
     """Generate this rank's chunks; the main process assembles samples.npz, the grid and the manifest."""
     rt, t0 = (rt or launch()).on(cfg.device, cfg.precision), time.time()
-    if not cfg.cfg_interval[0] < cfg.cfg_interval[1]:
-        raise UserError(f"--cfg-interval {cfg.cfg_interval[0]} {cfg.cfg_interval[1]}: guidance applies while "
-                        "t_min < t < t_max (t = 0 noise, t = 1 data), so t_min must be below t_max")
+    check_cfg_interval(cfg.cfg_interval)
     if cfg.per_class <= 0 or cfg.chunk_size <= 0 or cfg.batch_size <= 0:
         raise UserError("--per-class, --chunk-size and --batch-size must be positive")
     device = rt.device

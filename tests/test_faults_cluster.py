@@ -224,12 +224,16 @@ def test_out_of_range_options_are_refused_when_parsed(tmp_path, stage, args, opt
     assert not (tmp_path / "o").exists()
 
 
-def test_cfg_interval_must_be_ordered(tmp_path):
+@pytest.mark.parametrize("stage, required", [
+    ("sample", ["--dit", "d", "--vae", "v", "--decoder", "x"]),
+    ("demo-report", ["--dit", "d", "--vae", "v", "--decoder", "x", "--classifier", "c"]),
+])
+def test_cfg_interval_must_be_ordered(tmp_path, stage, required):
     from pipeline.cli import main
 
-    res = CliRunner().invoke(main, ["sample", "--dit", "d", "--vae", "v", "--decoder", "x", "--out",
-                                    str(tmp_path / "o"), "--cfg-interval", "1", "0"])
-    assert res.exit_code == 2 and "t_min must be below t_max" in res.output
+    res = CliRunner().invoke(main, [stage, *required, "--out", str(tmp_path / "o"), "--cfg-interval", "1", "0"])
+    assert res.exit_code == 2 and "t_min must be below t_max" in res.output, res.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_permission_denied_is_the_storage_message(tmp_path, image_folder, monkeypatch):
