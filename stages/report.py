@@ -142,9 +142,9 @@ def write_unit(out: Path, chain: Chain, clf, cfg: Config, cfg_scale: float, seed
             "cfg_scale": cfg_scale, "seed": seed}
 
 
-def build_report(od_path: Path, cfg: Config, clf, clf_m: Manifest, fids: dict[float, dict], n: int) -> dict:
+def build_report(od_path: Path, cfg: Config, clf, clf_m: Manifest, ref: dm.Reference, fids: dict[float, dict],
+                 n: int) -> dict:
     """metrics.json from the committed units: per scale, every metric over the seeds, and the summary lines."""
-    ref = dm.reference(clf)
     settings = []
     for w in cfg.cfg_scale:
         per_seed = {}
@@ -180,7 +180,7 @@ def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
     rt, t0 = (rt or launch()).on(cfg.device, cfg.precision), time.time()
     chain = load_chain(cfg.dit, cfg.vae, cfg.decoder, rt.device, cfg.latents, cfg.vae_weights)
     clf, clf_m = load_classifier(cfg.classifier)
-    dm.reference(clf)  # refuses a classifier artifact without the feature network before any sampling
+    ref = dm.reference(clf)  # refuses a classifier artifact without the feature network before any sampling
     check_classes(chain, clf_m, cfg.classifier)
     fids = fid_entries(cfg, chain)
     inputs = {**chain.inputs, "classifier": {"path": str(cfg.classifier), "fingerprint": clf_m.fingerprint},
@@ -207,7 +207,7 @@ def run(cfg: Config, rt: Runtime | None = None) -> Manifest | None:
         records = od.collect([unit_name(*u) for u in units])
         if records is None:
             return None
-        report = build_report(od.path, cfg, clf, clf_m, fids, len(labels))
+        report = build_report(od.path, cfg, clf, clf_m, ref, fids, len(labels))
         atomic_write_json(od.path / METRICS, report)
         seconds = time.time() - t0
         return od.finish(Manifest(
